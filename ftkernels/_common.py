@@ -1,0 +1,131 @@
+"""Shared plumbing for the ops: backend choice, input validation, autocast, launch helpers.
+
+Backends
+--------
+``"triton"``     the Triton kernels (CUDA tensors; CPU tensors too when ``TRITON_INTERPRET=1``).
+``"reference"``  the plain-PyTorch reference (any device; the oracle in tests).
+``"auto"``       (default) Triton for CUDA tensors, the reference otherwise.
+
+The default comes from the ``FTKERNELS_BACKEND`` environment variable and can be changed with
+:func:`set_backend`; every functional op and module also takes ``backend=`` to override it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference")
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+_default_backend = _check_backend(os.environ.get("FTKERNELS_BACKEND", "auto"))
+
+
+def set_backend(name: str) -> None:
+    """Set the process-wide default backend (``"auto"``, ``"triton"`` or ``"reference"``)."""
+    global _default_backend
+    _default_backend = _check_backend(name)
+
+
+def get_backend() -> str:
+    return _default_backend
+
+
+def use_triton(x: torch.Tensor, backend: Optional[str]) -> bool:
+    """Whether an op called on ``x`` with ``backend`` runs the Triton kernels."""
+    name = _check_backend(backend) if backend is not None else _default_backend
+    if name == "reference":
+        return False
+    if name == "triton":
+        if not (x.is_cuda or INTERPRET):
+            raise RuntimeError(
+                "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter); "
+                f"got a tensor on {x.device}. Use backend='auto' or 'reference' on CPU."
+            )
+        return True
+    # auto: the kernels cover fp32/fp16/bf16 on CUDA; everything else takes the reference
+    return x.is_cuda and x.dtype != torch.float64
+
+
+# ----------------------------------------------------------------------------------------------
+# validation: every message names the argument and what was expected
+
+
+def check_tensor(t, name: str, ndim: int, dims: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {dims}, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have shape {dims} ({ndim} dims), got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float32/float16/bfloat16/float64), got {t.dtype}")
+
+
+def check_shape(t: Optional[torch.Tensor], name: str, expected: Sequence[int], dims: str) -> None:
+    if t is None:
+        return
+    check_tensor(t, name, len(expected), dims)
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {dims} = {tuple(expected)}, got {tuple(t.shape)}")
+
+
+def check_same(x: torch.Tensor, named: dict) -> None:
+    """All given tensors share x's device and dtype."""
+    for name, t in named.items():
+        if t is None:
+            continue
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all inputs must share a device")
+        if t.dtype != x.dtype:
+            raise TypeError(
+                f"{name} has dtype {t.dtype} but x has {x.dtype}; all inputs must share a dtype "
+                "(use autocast or .to() to mix precisions)"
+            )
+
+
+def check_nonempty(x: torch.Tensor, name: str, dims: str) -> None:
+    if x.numel() == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {tuple(x.shape)} for {dims}")
+
+
+def autocast_inputs(*tensors):
+    """Under autocast, cast floating inputs to the autocast dtype (as torch.matmul would)."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            dev = t.device.type
+            break
+    else:
+        return tensors
+    if not torch.is_autocast_enabled(dev):
+        return tensors
+    dtype = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernel-side helpers
+
+TL_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def dot_block(n: int, lo: int = 16, hi: int = 64) -> int:
+    """Block size for a tl.dot dimension: a power of two in [lo, hi] (tl.dot needs >= 16)."""
+    return max(lo, min(hi, next_pow2(n)))
+
+
+def kernel_dtype_ok(x: torch.Tensor, name: str = "x") -> None:
+    """float64 runs in the interpreter (the test oracle) but is not a GPU specialization."""
+    if x.dtype == torch.float64 and x.is_cuda:
+        raise TypeError(f"{name}: the Triton kernels take fp32/fp16/bf16 on CUDA, got float64; use backend='reference'")

@@ -1,0 +1,273 @@
+"""Frame norm: layer norm over the features of every (batch, channel, frame), per-channel affine.
+
+    x (B, C, F, W) -> y (B, C, F, W);  weight, bias (C, F)
+    y[b,c,:,w] = (x[b,c,:,w] - mean) * rstd * weight[c] + bias[c]
+
+Kernels
+-------
+The features axis is strided (stride W in a contiguous tensor) while frames are contiguous, so a program
+takes BW neighbouring frames of one (b, c) -- coalesced loads along frames -- and walks the features in BF
+chunks: pass 1 sums for the mean, pass 2 the centred squares for the variance (two-pass: no cancellation
+on large-mean inputs such as magnitude spectrograms), pass 3 writes y. Re-reads of the (F x BW) slab hit L2.
+``_frame_norm_fwd_kernel`` also stores mean/rstd (B, C, W) fp32 for backward (and the feed-forward's
+fused-norm prologue, which runs it with ``STORE_Y=False``).
+
+``_frame_norm_bwd_kernel``: per (b, c, frame-block), pass 1 reduces sum(g) and sum(g * xhat) with
+g = dy * weight, pass 2 writes dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); the same program writes
+this block's partial dweight = sum_w dy * xhat and dbias = sum_w dy into a (B * W-blocks, C, F) fp32
+buffer that is summed afterwards (deterministic, no atomics).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor, nn
+
+from ftkernels import _common as common
+from ftkernels import reference
+from ftkernels._compile_gate import Specialization, spec
+
+BF, BW = 32, 64  # feature chunk x frame block
+
+
+@triton.jit
+def _frame_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_f32_ptr, rstd_f32_ptr, C, F, W, eps,
+                           s_xb, s_xc, s_xf, s_xw, s_yb, s_yc, s_yf, s_yw,
+                           STORE_Y: tl.constexpr, BF: tl.constexpr, BW: tl.constexpr):
+    """grid (W-blocks, C, B); weight/bias (C, F) contiguous; mean/rstd (B, C, W) contiguous fp32."""
+    pid_w = tl.program_id(0)
+    c = tl.program_id(1)
+    b = tl.program_id(2)
+    offs_w = pid_w * BW + tl.arange(0, BW)
+    mask_w = offs_w < W
+    x_base = x_ptr + b.to(tl.int64) * s_xb + c.to(tl.int64) * s_xc + offs_w[None, :] * s_xw
+    acc = tl.zeros((BW,), dtype=tl.float32)
+    for f0 in range(0, F, BF):
+        offs_f = f0 + tl.arange(0, BF)
+        m = (offs_f[:, None] < F) & mask_w[None, :]
+        acc += tl.sum(tl.load(x_base + offs_f[:, None] * s_xf, mask=m, other=0.0).to(tl.float32), axis=0)
+    mean = acc / F
+    acc = tl.zeros((BW,), dtype=tl.float32)
+    for f0 in range(0, F, BF):
+        offs_f = f0 + tl.arange(0, BF)
+        m = (offs_f[:, None] < F) & mask_w[None, :]
+        xc = tl.load(x_base + offs_f[:, None] * s_xf, mask=m, other=0.0).to(tl.float32) - mean[None, :]
+        xc = tl.where(m, xc, 0.0)
+        acc += tl.sum(xc * xc, axis=0)
+    rstd = 1.0 / tl.sqrt(acc / F + eps)
+    stat = (b * C + c).to(tl.int64) * W + offs_w
+    tl.store(mean_f32_ptr + stat, mean, mask=mask_w)
+    tl.store(rstd_f32_ptr + stat, rstd, mask=mask_w)
+    if STORE_Y:
+        y_base = y_ptr + b.to(tl.int64) * s_yb + c.to(tl.int64) * s_yc + offs_w[None, :] * s_yw
+        for f0 in range(0, F, BF):
+            offs_f = f0 + tl.arange(0, BF)
+            mask_f = offs_f < F
+            m = mask_f[:, None] & mask_w[None, :]
+            x = tl.load(x_base + offs_f[:, None] * s_xf, mask=m, other=0.0).to(tl.float32)
+            g = tl.load(w_ptr + c * F + offs_f, mask=mask_f, other=0.0).to(tl.float32)
+            bt = tl.load(b_ptr + c * F + offs_f, mask=mask_f, other=0.0).to(tl.float32)
+            y = (x - mean[None, :]) * rstd[None, :] * g[:, None] + bt[:, None]
+            tl.store(y_base + offs_f[:, None] * s_yf, y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _frame_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_f32_ptr, rstd_f32_ptr, dx_ptr, dw_f32_ptr, db_f32_ptr,
+                           C, F, W, s_gb, s_gc, s_gf, s_gw, s_xb, s_xc, s_xf, s_xw, s_db, s_dc, s_df, s_dw,
+                           BF: tl.constexpr, BW: tl.constexpr):
+    """grid (W-blocks, C, B); partial dweight/dbias rows (b * W-blocks + pid_w, c, :) of (B*nWb, C, F) fp32."""
+    pid_w = tl.program_id(0)
+    c = tl.program_id(1)
+    b = tl.program_id(2)
+    offs_w = pid_w * BW + tl.arange(0, BW)
+    mask_w = offs_w < W
+    stat = (b * C + c).to(tl.int64) * W + offs_w
+    mean = tl.load(mean_f32_ptr + stat, mask=mask_w, other=0.0)
+    rstd = tl.load(rstd_f32_ptr + stat, mask=mask_w, other=0.0)
+    g_base = dy_ptr + b.to(tl.int64) * s_gb + c.to(tl.int64) * s_gc + offs_w[None, :] * s_gw
+    x_base = x_ptr + b.to(tl.int64) * s_xb + c.to(tl.int64) * s_xc + offs_w[None, :] * s_xw
+    part = ((b * tl.num_programs(0) + pid_w) * C + c).to(tl.int64) * F
+    sum_g = tl.zeros((BW,), dtype=tl.float32)
+    sum_gx = tl.zeros((BW,), dtype=tl.float32)
+    for f0 in range(0, F, BF):
+        offs_f = f0 + tl.arange(0, BF)
+        mask_f = offs_f < F
+        m = mask_f[:, None] & mask_w[None, :]
+        dy = tl.load(g_base + offs_f[:, None] * s_gf, mask=m, other=0.0).to(tl.float32)
+        xhat = (tl.load(x_base + offs_f[:, None] * s_xf, mask=m, other=0.0).to(tl.float32) - mean[None, :]) \
+            * rstd[None, :]
+        xhat = tl.where(m, xhat, 0.0)
+        gamma = tl.load(w_ptr + c * F + offs_f, mask=mask_f, other=0.0).to(tl.float32)
+        g = dy * gamma[:, None]
+        sum_g += tl.sum(g, axis=0)
+        sum_gx += tl.sum(g * xhat, axis=0)
+        tl.store(dw_f32_ptr + part + offs_f, tl.sum(dy * xhat, axis=1), mask=mask_f)
+        tl.store(db_f32_ptr + part + offs_f, tl.sum(dy, axis=1), mask=mask_f)
+    mean_g = sum_g / F
+    mean_gx = sum_gx / F
+    dx_base = dx_ptr + b.to(tl.int64) * s_db + c.to(tl.int64) * s_dc + offs_w[None, :] * s_dw
+    for f0 in range(0, F, BF):
+        offs_f = f0 + tl.arange(0, BF)
+        mask_f = offs_f < F
+        m = mask_f[:, None] & mask_w[None, :]
+        dy = tl.load(g_base + offs_f[:, None] * s_gf, mask=m, other=0.0).to(tl.float32)
+        xhat = (tl.load(x_base + offs_f[:, None] * s_xf, mask=m, other=0.0).to(tl.float32) - mean[None, :]) \
+            * rstd[None, :]
+        gamma = tl.load(w_ptr + c * F + offs_f, mask=mask_f, other=0.0).to(tl.float32)
+        dx = rstd[None, :] * (dy * gamma[:, None] - mean_g[None, :] - xhat * mean_gx[None, :])
+        tl.store(dx_base + offs_f[:, None] * s_df, dx.to(dx_ptr.dtype.element_ty), mask=m)
+
+
+# ----------------------------------------------------------------------------------------------
+# launch code
+
+
+def _affine(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    C, F = x.shape[1], x.shape[2]
+    w = weight.contiguous() if weight is not None else torch.ones((C, F), device=x.device, dtype=x.dtype)
+    b = bias.contiguous() if bias is not None else torch.zeros((C, F), device=x.device, dtype=x.dtype)
+    return w, b
+
+
+def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+            store_y: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
+    """(y or an empty tensor, mean (B, C, W) fp32, rstd (B, C, W) fp32)."""
+    B, C, F, W = x.shape
+    w, b = _affine(x, weight, bias)
+    y = torch.empty_like(x, memory_format=torch.contiguous_format) if store_y else x
+    mean = torch.empty((B, C, W), device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    _frame_norm_fwd_kernel[(triton.cdiv(W, BW), C, B)](
+        x, w, b, y, mean, rstd, C, F, W, eps, *x.stride(), *y.stride(), STORE_Y=store_y, BF=BF, BW=BW, num_warps=4)
+    return (y if store_y else x.new_empty(0)), mean, rstd
+
+
+def stats(x: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    """mean, rstd (B, C, W) fp32 only: the feed-forward applies the norm inside its first matmul."""
+    _, mean, rstd = forward(x, None, None, eps, store_y=False)
+    return mean, rstd
+
+
+def backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
+             need_weight_grads: bool = True) -> List[Optional[Tensor]]:
+    """[dx, dweight (C, F), dbias (C, F)]."""
+    B, C, F, W = x.shape
+    w, _ = _affine(x, weight, None)
+    n_wb = triton.cdiv(W, BW)
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    dw_part = torch.empty((B * n_wb, C, F), device=x.device, dtype=torch.float32)
+    db_part = torch.empty_like(dw_part)
+    _frame_norm_bwd_kernel[(n_wb, C, B)](dy, x, w, mean, rstd, dx, dw_part, db_part, C, F, W, *dy.stride(),
+                                         *x.stride(), *dx.stride(), BF=BF, BW=BW, num_warps=4)
+    if not need_weight_grads:
+        return [dx, None, None]
+    return [dx, dw_part.sum(0).to(x.dtype), db_part.sum(0).to(x.dtype)]
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library registration
+
+
+@torch.library.custom_op("ftkernels::frame_norm", mutates_args=())
+def _frame_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+                   ) -> Tuple[Tensor, Tensor, Tensor]:
+    return forward(x, weight, bias, eps)
+
+
+@_frame_norm_op.register_fake
+def _(x, weight, bias, eps):
+    B, C, F, W = x.shape
+    stat = x.new_empty((B, C, W), dtype=torch.float32)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), stat, torch.empty_like(stat)
+
+
+@torch.library.custom_op("ftkernels::frame_norm_backward", mutates_args=())
+def _frame_norm_backward_op(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor
+                            ) -> Tuple[Tensor, Tensor, Tensor]:
+    dx, dw, db = backward(dy, x, weight, mean, rstd)
+    return dx, dw, db
+
+
+@_frame_norm_backward_op.register_fake
+def _(dy, x, weight, mean, rstd):
+    C, F = x.shape[1], x.shape[2]
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((C, F)), x.new_empty((C, F))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, eps = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dw, db = _frame_norm_backward_op(dy, x, weight, mean, rstd)
+    return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), None
+
+
+_frame_norm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+
+
+def check_inputs(x, weight, bias, eps) -> None:
+    common.check_tensor(x, "x", 4, "(B, C, F, W)")
+    common.check_nonempty(x, "x", "(B, C, F, W)")
+    C, F = x.shape[1], x.shape[2]
+    common.check_shape(weight, "weight", (C, F), "(C, F)")
+    common.check_shape(bias, "bias", (C, F), "(C, F)")
+    common.check_same(x, {"weight": weight, "bias": bias})
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+
+
+def frame_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5,
+               backend: Optional[str] = None) -> Tensor:
+    """Layer norm over features of each frame. x (B, C, F, W); weight, bias (C, F) -> (B, C, F, W).
+
+    Statistics in fp32 whatever the input dtype. Under autocast the affine parameters follow x's dtype.
+    """
+    if isinstance(x, Tensor) and x.is_floating_point():
+        weight = weight.to(x.dtype) if isinstance(weight, Tensor) and torch.is_autocast_enabled(x.device.type) \
+            else weight
+        bias = bias.to(x.dtype) if isinstance(bias, Tensor) and torch.is_autocast_enabled(x.device.type) else bias
+    check_inputs(x, weight, bias, eps)
+    if not common.use_triton(x, backend):
+        return reference.frame_norm(x, weight, bias, eps)
+    common.kernel_dtype_ok(x)
+    return _frame_norm_op(x, weight, bias, float(eps))[0]
+
+
+class FrameNorm(nn.Module):
+    """Layer norm over each frame's features with per-channel affine (C, F). (B, C, F, W) -> same."""
+
+    def __init__(self, channels: int, features: int, eps: float = 1e-5, backend: Optional[str] = None):
+        super().__init__()
+        self.eps = eps
+        self.backend = backend
+        self.weight = nn.Parameter(torch.ones(channels, features))
+        self.bias = nn.Parameter(torch.zeros(channels, features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return frame_norm(x, self.weight, self.bias, self.eps, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.weight.shape[0]}, features={self.weight.shape[1]}, eps={self.eps}"
+
+
+def compile_specializations() -> List[Specialization]:
+    out = []
+    for dt in ("fp32", "fp16", "bf16"):
+        for store_y in (False, True):
+            out.append(spec(__name__, "_frame_norm_fwd_kernel", dt, dict(STORE_Y=store_y, BF=BF, BW=BW),
+                            floats=("eps",)))
+        out.append(spec(__name__, "_frame_norm_bwd_kernel", dt, dict(BF=BF, BW=BW)))
+    return out

@@ -1,0 +1,563 @@
+"""Multichannel linear: per-channel position-wise linear along features, then a depth-wise channel mix.
+
+    x (B, C_in, F_in, W) --weight_pw (C_in, F_out, F_in), bias_pw (C_in, F_out)-->  y (B, C_in, F_out, W)
+    y                    --weight_dw (C_out, C_in),       bias_dw (C_out,)     -->  out (B, C_out, F_out, W)
+
+Either weight may be absent (position-wise only / depth-wise only).
+
+Kernels
+-------
+``_positionwise_kernel``      y[b,c] = W[c] @ x[b,c] (+bias): one (BM x BN) tile of (F_out x W) per program,
+                              K = F_in looped in BK chunks through ``tl.dot``; x is read in place through its
+                              strides (frames need not be contiguous). Optional prologue: frame-norm of the x tile
+                              from precomputed (mean, rstd) (the feed-forward's fused norm). Optional epilogues:
+                              squared ReLU; multiply by 2*sqrt(h) (squared-ReLU backward from its saved output).
+                              Backward dx = W[c]^T @ dy is the same kernel with W's strides swapped.
+``_positionwise_mix_kernel``  the fused op for C_out <= 8: for each input channel the program computes the
+                              position-wise tile and accumulates ``weight_dw[o, c] * tile`` for every output
+                              channel in a (BO, BM, BN) register accumulator, so y never touches memory.
+                              For larger C_out that would recompute the matmul C_out/BO times, so the
+                              dispatcher runs two passes instead: position-wise, then ``_channel_mix_kernel``.
+``_channel_mix_kernel``       out[b] = W_dw @ y[b] as a GEMM with M = C_out, K = C_in, N = F*W (frames and
+                              features flattened and un-flattened through strides). Backward dy = W_dw^T @ dout.
+``_weight_grad_kernel``       dW[g] = sum_k A[g,:,k] B[g,:,k]^T with k running over (batch, frame[, feature]),
+                              split-K into fp32 partials (deterministic: partials are summed in a fixed order),
+                              row sums of A in the same pass give the bias gradient.
+
+Backward recomputes y = pw(x) for the depth-wise weight gradient instead of saving it (one extra GEMM,
+no (B, C_in, F_out, W) activation kept alive).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor, nn
+
+from ftkernels import _common as common
+from ftkernels import reference
+from ftkernels._compile_gate import Specialization, spec
+
+# Activations fused into epilogues.
+ACT_NONE, ACT_SQRELU = 0, 1
+FUSED_MIX_MAX_CHANNELS = 8  # C_out up to this runs the single fused kernel
+
+
+@triton.jit
+def _positionwise_tile(w_ptr, x_ptr, mean_f32_ptr, rstd_f32_ptr, gamma_ptr, beta_ptr, b, c, offs_m, offs_n,
+                       M, N, K, s_wc, s_wm, s_wk, s_xb, s_xc, s_xk, s_xn, s_sb, s_sc, s_gc,
+                       HAS_NORM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """(BM, BN) fp32 tile of W[c] @ norm?(x[b, c]) for rows offs_m (features out) and cols offs_n (frames)."""
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    w_base = w_ptr + c.to(tl.int64) * s_wc
+    x_base = x_ptr + b.to(tl.int64) * s_xb + c.to(tl.int64) * s_xc
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    if HAS_NORM:
+        stat_off = b.to(tl.int64) * s_sb + c * s_sc + offs_n
+        mean = tl.load(mean_f32_ptr + stat_off, mask=mask_n, other=0.0)
+        rstd = tl.load(rstd_f32_ptr + stat_off, mask=mask_n, other=0.0)
+    for k0 in range(0, K, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        mask_k = offs_k < K
+        w = tl.load(w_base + offs_m[:, None] * s_wm + offs_k[None, :] * s_wk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        x = tl.load(x_base + offs_k[:, None] * s_xk + offs_n[None, :] * s_xn,
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if HAS_NORM:
+            g = tl.load(gamma_ptr + c * s_gc + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            bt = tl.load(beta_ptr + c * s_gc + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            xf = (x.to(tl.float32) - mean[None, :]) * rstd[None, :] * g[:, None] + bt[:, None]
+            x = xf.to(w.dtype)
+        acc = tl.dot(w, x, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _positionwise_kernel(w_ptr, x_ptr, bias_ptr, out_ptr, mul_ptr, mean_f32_ptr, rstd_f32_ptr, gamma_ptr, beta_ptr,
+                         M, N, K, s_wc, s_wm, s_wk, s_xb, s_xc, s_xk, s_xn, s_ob, s_oc, s_om, s_on,
+                         s_pb, s_pc, s_pm, s_pn, s_sb, s_sc, s_gc,
+                         HAS_NORM: tl.constexpr, ACTIVATION: tl.constexpr, MUL_SQRELU_GRAD: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+    """out[b, c] = epilogue(W[c] @ prologue(x[b, c]) + bias[c]); grid (m-tiles * n-tiles, C, B).
+    bias (C, M) contiguous (zeros when the layer has none: one load per row, fewer specializations)."""
+    pid = tl.program_id(0)
+    c = tl.program_id(1)
+    b = tl.program_id(2)
+    n_tiles = tl.cdiv(N, BN)
+    offs_m = (pid // n_tiles) * BM + tl.arange(0, BM)
+    offs_n = (pid % n_tiles) * BN + tl.arange(0, BN)
+    acc = _positionwise_tile(w_ptr, x_ptr, mean_f32_ptr, rstd_f32_ptr, gamma_ptr, beta_ptr, b, c, offs_m, offs_n,
+                             M, N, K, s_wc, s_wm, s_wk, s_xb, s_xc, s_xk, s_xn, s_sb, s_sc, s_gc,
+                             HAS_NORM, BM, BN, BK, PRECISION)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    acc += tl.load(bias_ptr + c * M + offs_m, mask=offs_m < M, other=0.0).to(tl.float32)[:, None]
+    if ACTIVATION == 1:
+        acc = tl.maximum(acc, 0.0)
+        acc = acc * acc
+    if MUL_SQRELU_GRAD:  # d/dz relu(z)^2 = 2 relu(z) = 2 sqrt(h), h the saved squared-ReLU output
+        h = tl.load(mul_ptr + b.to(tl.int64) * s_pb + c.to(tl.int64) * s_pc + offs_m[:, None] * s_pm
+                    + offs_n[None, :] * s_pn, mask=mask, other=0.0).to(tl.float32)
+        acc = acc * 2.0 * tl.sqrt(h)
+    out = out_ptr + b.to(tl.int64) * s_ob + c.to(tl.int64) * s_oc + offs_m[:, None] * s_om + offs_n[None, :] * s_on
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _positionwise_mix_kernel(w_ptr, x_ptr, bias_ptr, mix_ptr, mix_bias_ptr, out_ptr, mean_f32_ptr, rstd_f32_ptr,
+                             gamma_ptr, beta_ptr, C_in, C_out, M, N, K, s_wc, s_wm, s_wk, s_xb, s_xc, s_xk, s_xn,
+                             s_mo, s_mc, s_ob, s_oc, s_om, s_on, s_sb, s_sc, s_gc,
+                             HAS_NORM: tl.constexpr, ACTIVATION: tl.constexpr, BO: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                             BK: tl.constexpr, PRECISION: tl.constexpr):
+    """Fused position-wise + channel mix for C_out <= BO; grid (m-tiles * n-tiles, 1, B)."""
+    pid = tl.program_id(0)
+    b = tl.program_id(2)
+    n_tiles = tl.cdiv(N, BN)
+    offs_m = (pid // n_tiles) * BM + tl.arange(0, BM)
+    offs_n = (pid % n_tiles) * BN + tl.arange(0, BN)
+    offs_o = tl.arange(0, BO)
+    mask_o = offs_o < C_out
+    acc = tl.zeros((BO, BM, BN), dtype=tl.float32)
+    for c in range(0, C_in):
+        y = _positionwise_tile(w_ptr, x_ptr, mean_f32_ptr, rstd_f32_ptr, gamma_ptr, beta_ptr, b, c, offs_m, offs_n,
+                               M, N, K, s_wc, s_wm, s_wk, s_xb, s_xc, s_xk, s_xn, s_sb, s_sc, s_gc,
+                               HAS_NORM, BM, BN, BK, PRECISION)
+        y += tl.load(bias_ptr + c * M + offs_m, mask=offs_m < M, other=0.0).to(tl.float32)[:, None]
+        wd = tl.load(mix_ptr + offs_o * s_mo + c * s_mc, mask=mask_o, other=0.0).to(tl.float32)
+        acc += wd[:, None, None] * y[None, :, :]
+    acc += tl.load(mix_bias_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)[:, None, None]
+    if ACTIVATION == 1:
+        acc = tl.maximum(acc, 0.0)
+        acc = acc * acc
+    out = (out_ptr + b.to(tl.int64) * s_ob + offs_o[:, None, None].to(tl.int64) * s_oc
+           + offs_m[None, :, None] * s_om + offs_n[None, None, :] * s_on)
+    mask = mask_o[:, None, None] & (offs_m[None, :, None] < M) & (offs_n[None, None, :] < N)
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _channel_mix_kernel(w_ptr, y_ptr, bias_ptr, out_ptr, mul_ptr, M, N, K, F, W, s_wm, s_wk,
+                        s_yb, s_yk, s_yf, s_yw, s_ob, s_om, s_of, s_ow, s_pb, s_pm, s_pf, s_pw,
+                        ACTIVATION: tl.constexpr, MUL_SQRELU_GRAD: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+    """out[b, m, f, w] = epilogue(sum_k W[m, k] y[b, k, f, w] + bias[m]); n = f * W + w; grid (tiles, 1, B)."""
+    pid = tl.program_id(0)
+    b = tl.program_id(2)
+    n_tiles = tl.cdiv(N, BN)
+    offs_m = (pid // n_tiles) * BM + tl.arange(0, BM)
+    offs_n = (pid % n_tiles) * BN + tl.arange(0, BN)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    f = offs_n // W
+    w = offs_n % W
+    y_base = y_ptr + b.to(tl.int64) * s_yb + f * s_yf + w * s_yw
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        mask_k = offs_k < K
+        a = tl.load(w_ptr + offs_m[:, None] * s_wm + offs_k[None, :] * s_wk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        y = tl.load(y_base[None, :] + offs_k[:, None].to(tl.int64) * s_yk,
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, y, acc, input_precision=PRECISION)
+    mask = mask_m[:, None] & mask_n[None, :]
+    acc += tl.load(bias_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)[:, None]
+    if ACTIVATION == 1:
+        acc = tl.maximum(acc, 0.0)
+        acc = acc * acc
+    if MUL_SQRELU_GRAD:
+        h = tl.load(mul_ptr + b.to(tl.int64) * s_pb + offs_m[:, None].to(tl.int64) * s_pm
+                    + (f * s_pf + w * s_pw)[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc = acc * 2.0 * tl.sqrt(h)
+    out = (out_ptr + b.to(tl.int64) * s_ob + offs_m[:, None].to(tl.int64) * s_om
+           + (f * s_of + w * s_ow)[None, :])
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _weight_grad_kernel(a_ptr, b_ptr, out_f32_ptr, rowsum_f32_ptr, M, N, K, K_INNER, K_PER_SPLIT,
+                        s_ag, s_am, s_ak1, s_ak0, s_bg, s_bn, s_bk1, s_bk0,
+                        HAS_ROWSUM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    """Partial dW[split, g] = sum_{k in split} A[g, :, k] B[g, :, k]^T, k = k1 * K_INNER + k0 addressed through
+    (s_*k1, s_*k0) strides; with HAS_ROWSUM also partial sum_k A[g, :, k]. grid (tiles, G, SPLITS)."""
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    split = tl.program_id(2)
+    n_tiles = tl.cdiv(N, BN)
+    pid_n = pid % n_tiles
+    offs_m = (pid // n_tiles) * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    a_base = a_ptr + g.to(tl.int64) * s_ag + offs_m[:, None] * s_am
+    b_base = b_ptr + g.to(tl.int64) * s_bg + offs_n[None, :] * s_bn
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    rowsum = tl.zeros((BM,), dtype=tl.float32)
+    k_start = split * K_PER_SPLIT
+    k_stop = tl.minimum(k_start + K_PER_SPLIT, K)
+    for k0 in range(k_start, k_stop, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        mask_k = offs_k < k_stop
+        k_off_a = (offs_k // K_INNER).to(tl.int64) * s_ak1 + (offs_k % K_INNER) * s_ak0
+        k_off_b = (offs_k // K_INNER).to(tl.int64) * s_bk1 + (offs_k % K_INNER) * s_bk0
+        a = tl.load(a_base + k_off_a[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        bt = tl.load(b_base + k_off_b[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, bt, acc, input_precision=PRECISION)
+        if HAS_ROWSUM:
+            rowsum += tl.sum(a.to(tl.float32), axis=1)
+    G = tl.num_programs(1)
+    out = out_f32_ptr + ((split * G + g).to(tl.int64) * M + offs_m[:, None]) * N + offs_n[None, :]
+    tl.store(out, acc, mask=mask_m[:, None] & mask_n[None, :])
+    if HAS_ROWSUM:
+        if pid_n == 0:
+            tl.store(rowsum_f32_ptr + (split * G + g).to(tl.int64) * M + offs_m, rowsum, mask=mask_m)
+
+
+# ----------------------------------------------------------------------------------------------
+# launch code
+
+_DUMMIES = {}
+
+
+def _dummy_f32(device) -> Tensor:
+    t = _DUMMIES.get(device)
+    if t is None:
+        t = _DUMMIES[device] = torch.empty(1, dtype=torch.float32, device=device)
+    return t
+
+
+# fp32 inputs multiply in full fp32 ("ieee"), matching torch.matmul's default (allow_tf32=False);
+# fp16/bf16 use tensor cores with fp32 accumulation.
+PRECISION = "ieee"
+
+
+def _zeros(x: Tensor, *shape) -> Tensor:
+    return torch.zeros(shape, device=x.device, dtype=x.dtype)
+
+
+def _pw_blocks(M: int) -> Tuple[int, int, int]:
+    """(BM, BN, BK) for the position-wise GEMM: M = F_out (16/32/64 rows), N = frames, K = F_in."""
+    return common.dot_block(M, 16, 64), 64, 32
+
+
+def _mix_blocks(C_out: int) -> Tuple[int, int, int, int]:
+    """(BO, BM, BN, BK) for the fused kernel: the (BO, BM, BN) fp32 accumulator stays <= 8K elements."""
+    bo = common.next_pow2(C_out)
+    return bo, 32, max(16, 256 // bo), 32
+
+
+def _cm_blocks(M: int) -> Tuple[int, int, int]:
+    return common.dot_block(M, 16, 64), 64, 32
+
+
+_WG_BLOCKS = (32, 32, 32)
+
+
+def positionwise(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, out_dtype=None,
+                 activation: int = ACT_NONE, sqrelu_grad_of: Optional[Tensor] = None,
+                 norm: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]] = None) -> Tensor:
+    """out[b, c] = act(weight[c] @ norm(x[b, c]) + bias[c]); x (B, C, K, N), weight (C, M, K) any strides.
+
+    norm = (mean (B, C, N) fp32, rstd (B, C, N) fp32, gamma (C, K), beta (C, K)) applies frame norm to x tiles.
+    sqrelu_grad_of = h (B, C, M, N): multiply the result by 2*sqrt(h).
+    """
+    B, C, K, N = x.shape
+    M = weight.shape[1]
+    out = torch.empty((B, C, M, N), device=x.device, dtype=out_dtype or x.dtype)
+    BM, BN, BK = _pw_blocks(M)
+    dummy = _dummy_f32(x.device)
+    mean, rstd, gamma, beta = norm if norm is not None else (dummy, dummy, x, x)
+    mul = sqrelu_grad_of if sqrelu_grad_of is not None else out
+    grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN), C, B)
+    _positionwise_kernel[grid](
+        weight, x, bias if bias is not None else _zeros(x, C, M), out, mul, mean, rstd, gamma, beta,
+        M, N, K, *weight.stride(), *x.stride(), *out.stride(), *mul.stride(),
+        mean.stride(0) if norm is not None else 0, mean.stride(1) if norm is not None else 0,
+        gamma.stride(0) if norm is not None else 0,
+        HAS_NORM=norm is not None, ACTIVATION=activation,
+        MUL_SQRELU_GRAD=sqrelu_grad_of is not None, BM=BM, BN=BN, BK=BK, PRECISION=PRECISION,
+        num_warps=4)
+    return out
+
+
+def positionwise_mix(x: Tensor, weight_pw: Tensor, bias_pw: Optional[Tensor], weight_dw: Tensor,
+                     bias_dw: Optional[Tensor], *, activation: int = ACT_NONE,
+                     norm: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]] = None) -> Tensor:
+    """Fused position-wise + depth-wise mix (C_out <= FUSED_MIX_MAX_CHANNELS)."""
+    B, C_in, K, N = x.shape
+    M = weight_pw.shape[1]
+    C_out = weight_dw.shape[0]
+    out = torch.empty((B, C_out, M, N), device=x.device, dtype=x.dtype)
+    BO, BM, BN, BK = _mix_blocks(C_out)
+    dummy = _dummy_f32(x.device)
+    mean, rstd, gamma, beta = norm if norm is not None else (dummy, dummy, x, x)
+    grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN), 1, B)
+    _positionwise_mix_kernel[grid](
+        weight_pw, x, bias_pw if bias_pw is not None else _zeros(x, C_in, M), weight_dw,
+        bias_dw if bias_dw is not None else _zeros(x, C_out), out,
+        mean, rstd, gamma, beta, C_in, C_out, M, N, K, *weight_pw.stride(), *x.stride(), *weight_dw.stride(),
+        *out.stride(), mean.stride(0) if norm is not None else 0, mean.stride(1) if norm is not None else 0,
+        gamma.stride(0) if norm is not None else 0,
+        HAS_NORM=norm is not None, ACTIVATION=activation, BO=BO, BM=BM, BN=BN, BK=BK, PRECISION=PRECISION,
+        num_warps=4)
+    return out
+
+
+def channel_mix(y: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, activation: int = ACT_NONE,
+                sqrelu_grad_of: Optional[Tensor] = None) -> Tensor:
+    """out[b] = act(weight @ y[b] + bias) over channels; y (B, K, F, W) any strides, weight (M, K) any strides."""
+    B, K, F, W = y.shape
+    M = weight.shape[0]
+    out = torch.empty((B, M, F, W), device=y.device, dtype=y.dtype)
+    BM, BN, BK = _cm_blocks(M)
+    mul = sqrelu_grad_of if sqrelu_grad_of is not None else out
+    grid = (triton.cdiv(M, BM) * triton.cdiv(F * W, BN), 1, B)
+    _channel_mix_kernel[grid](
+        weight, y, bias if bias is not None else _zeros(y, M), out, mul, M, F * W, K, F, W, *weight.stride(), *y.stride(),
+        *out.stride(), *mul.stride(), ACTIVATION=activation,
+        MUL_SQRELU_GRAD=sqrelu_grad_of is not None, BM=BM, BN=BN, BK=BK, PRECISION=PRECISION,
+        num_warps=4)
+    return out
+
+
+def _num_splits(tiles: int, K: int, BK: int, device) -> int:
+    target = 4 * (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2)
+    return max(1, min(triton.cdiv(K, 4 * BK), triton.cdiv(target, max(tiles, 1))))
+
+
+def weight_grad(a: Tensor, b: Tensor, G: int, M: int, N: int, K: int, K_inner: int, a_strides, b_strides,
+                rowsum: bool, out_dtype) -> Tuple[Tensor, Optional[Tensor]]:
+    """dW (G, M, N) = sum_k A[g, :, k] B[g, :, k]^T (and sum_k A (G, M)); strides = (g, m|n, k1, k0)."""
+    BM, BN, BK = _WG_BLOCKS
+    tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN) * G
+    splits = _num_splits(tiles, K, BK, a.device)
+    k_per_split = triton.cdiv(triton.cdiv(K, splits), BK) * BK
+    splits = triton.cdiv(K, k_per_split)
+    part = torch.empty((splits, G, M, N), device=a.device, dtype=torch.float32)
+    rows = torch.empty((splits, G, M), device=a.device, dtype=torch.float32) if rowsum else _dummy_f32(a.device)
+    grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN), G, splits)
+    _weight_grad_kernel[grid](a, b, part, rows, M, N, K, K_inner, k_per_split, *a_strides, *b_strides,
+                              HAS_ROWSUM=rowsum, BM=BM, BN=BN, BK=BK, PRECISION=PRECISION, num_warps=4)
+    dw = part.sum(0).to(out_dtype)
+    return dw, (rows.sum(0).to(out_dtype) if rowsum else None)
+
+
+def forward(x: Tensor, weight_pw: Optional[Tensor], weight_dw: Optional[Tensor], bias_pw: Optional[Tensor],
+            bias_dw: Optional[Tensor], activation: int = ACT_NONE,
+            norm: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]] = None) -> Tensor:
+    """Triton forward; picks fused or two-pass by C_out. Activation (and the norm prologue) optional."""
+    if weight_pw is None:
+        if norm is not None:
+            raise ValueError("a fused frame norm needs a position-wise weight")
+        return channel_mix(x, weight_dw, bias_dw, activation=activation)
+    if weight_dw is None:
+        return positionwise(x, weight_pw, bias_pw, activation=activation, norm=norm)
+    if weight_dw.shape[0] <= FUSED_MIX_MAX_CHANNELS:
+        return positionwise_mix(x, weight_pw, bias_pw, weight_dw, bias_dw, activation=activation, norm=norm)
+    y = positionwise(x, weight_pw, bias_pw, norm=norm)
+    return channel_mix(y, weight_dw, bias_dw, activation=activation)
+
+
+def backward(grad: Tensor, x: Tensor, weight_pw: Optional[Tensor], weight_dw: Optional[Tensor],
+             bias_pw: Optional[Tensor], has_bias_pw: bool, has_bias_dw: bool, need_dx: bool = True,
+             sqrelu_grad_of: Optional[Tensor] = None) -> List[Optional[Tensor]]:
+    """[dx, d_weight_pw, d_weight_dw, d_bias_pw, d_bias_dw] (None where absent).
+
+    sqrelu_grad_of = h: multiply dx by 2*sqrt(h) (chain rule through a squared ReLU that produced x = h).
+    """
+    grad = grad.contiguous()
+    B, _, F_out, W = grad.shape
+    d_wpw = d_wdw = d_bpw = d_bdw = None
+    dy = grad
+    if weight_dw is not None:
+        C_out, C_in = weight_dw.shape
+        y = positionwise(x, weight_pw, bias_pw) if weight_pw is not None else x
+        # d_weight_dw[o, c] = sum_{b, f, w} grad[b, o, f, w] y[b, c, f, w]; k = (b, (f, w))
+        if y.stride(3) != 1 or y.stride(2) != W:
+            y = y.contiguous()
+        d_wdw, d_bdw = weight_grad(grad, y, 1, C_out, C_in, B * F_out * W, F_out * W,
+                                   (0, grad.stride(1), grad.stride(0), 1), (0, y.stride(1), y.stride(0), 1),
+                                   has_bias_dw, weight_dw.dtype)
+        dy = channel_mix(grad, weight_dw.t(),
+                         sqrelu_grad_of=sqrelu_grad_of if weight_pw is None else None) if (
+            need_dx or weight_pw is not None) else None
+    if weight_pw is not None:
+        C, F_out, F_in = weight_pw.shape
+        # d_weight_pw[c] = sum_{b, w} dy[b, c] x[b, c]^T; k = (b, w)
+        d_wpw, d_bpw = weight_grad(dy, x, C, F_out, F_in, B * W, W,
+                                   (dy.stride(1), dy.stride(2), dy.stride(0), dy.stride(3)),
+                                   (x.stride(1), x.stride(2), x.stride(0), x.stride(3)),
+                                   has_bias_pw, weight_pw.dtype)
+        dx = positionwise(dy, weight_pw.transpose(1, 2), sqrelu_grad_of=sqrelu_grad_of) if need_dx else None
+    else:
+        dx = dy
+        if weight_dw is None and sqrelu_grad_of is not None:
+            raise ValueError("multichannel linear needs weight_pw or weight_dw")
+    return [dx, d_wpw, d_wdw, d_bpw, d_bdw]
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library registration
+
+
+def _opt(t: Optional[Tensor]) -> Tensor:
+    return t if t is not None else torch.empty(0)
+
+
+@torch.library.custom_op("ftkernels::multichannel_linear", mutates_args=())
+def _mcl_op(x: Tensor, weight_pw: Optional[Tensor], weight_dw: Optional[Tensor], bias_pw: Optional[Tensor],
+            bias_dw: Optional[Tensor]) -> Tensor:
+    return forward(x, weight_pw, weight_dw, bias_pw, bias_dw)
+
+
+@_mcl_op.register_fake
+def _(x, weight_pw, weight_dw, bias_pw, bias_dw):
+    B, C, F, W = x.shape
+    return x.new_empty((B, weight_dw.shape[0] if weight_dw is not None else C,
+                        weight_pw.shape[1] if weight_pw is not None else F, W))
+
+
+@torch.library.custom_op("ftkernels::multichannel_linear_backward", mutates_args=())
+def _mcl_backward_op(grad: Tensor, x: Tensor, weight_pw: Optional[Tensor], weight_dw: Optional[Tensor],
+                     bias_pw: Optional[Tensor], has_bias_dw: bool) -> List[Tensor]:
+    grads = backward(grad, x, weight_pw, weight_dw, bias_pw, bias_pw is not None, has_bias_dw)
+    return [g if g is not None else x.new_empty(0) for g in grads]
+
+
+@_mcl_backward_op.register_fake
+def _(grad, x, weight_pw, weight_dw, bias_pw, has_bias_dw):
+    like = (x, weight_pw, weight_dw, bias_pw, weight_dw[:, 0] if weight_dw is not None and has_bias_dw else None)
+    return [torch.empty_like(t) if t is not None else x.new_empty(0) for t in like]
+
+
+def _mcl_setup_context(ctx, inputs, output):
+    x, weight_pw, weight_dw, bias_pw, bias_dw = inputs
+    ctx.save_for_backward(x, weight_pw, weight_dw, bias_pw)
+    ctx.has_bias_dw = bias_dw is not None
+
+
+def _mcl_backward(ctx, grad):
+    x, weight_pw, weight_dw, bias_pw = ctx.saved_tensors
+    dx, d_wpw, d_wdw, d_bpw, d_bdw = _mcl_backward_op(grad, x, weight_pw, weight_dw, bias_pw, ctx.has_bias_dw)
+    present = (True, weight_pw is not None, weight_dw is not None, bias_pw is not None, ctx.has_bias_dw)
+    return tuple(g if p else None for g, p in zip((dx, d_wpw, d_wdw, d_bpw, d_bdw), present))
+
+
+_mcl_op.register_autograd(_mcl_backward, setup_context=_mcl_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+
+
+def check_inputs(x, weight_pw, weight_dw, bias_pw, bias_dw, x_name: str = "x") -> None:
+    common.check_tensor(x, x_name, 4, "(B, C_in, F_in, W)")
+    common.check_nonempty(x, x_name, "(B, C_in, F_in, W)")
+    B, C, F, W = x.shape
+    if weight_pw is None and weight_dw is None:
+        raise ValueError("multichannel_linear needs weight_pw (C_in, F_out, F_in) or weight_dw (C_out, C_in)")
+    F_out = F
+    if weight_pw is not None:
+        common.check_tensor(weight_pw, "weight_pw", 3, "(C_in, F_out, F_in)")
+        F_out = weight_pw.shape[1]
+        common.check_shape(weight_pw, "weight_pw", (C, F_out, F), "(C_in, F_out, F_in)")
+        common.check_shape(bias_pw, "bias_pw", (C, F_out), "(C_in, F_out)")
+    elif bias_pw is not None:
+        raise ValueError("bias_pw given without weight_pw")
+    if weight_dw is not None:
+        common.check_tensor(weight_dw, "weight_dw", 2, "(C_out, C_in)")
+        common.check_shape(weight_dw, "weight_dw", (weight_dw.shape[0], C), "(C_out, C_in)")
+        common.check_shape(bias_dw, "bias_dw", (weight_dw.shape[0],), "(C_out,)")
+    elif bias_dw is not None:
+        raise ValueError("bias_dw given without weight_dw")
+    common.check_same(x, {"weight_pw": weight_pw, "weight_dw": weight_dw, "bias_pw": bias_pw, "bias_dw": bias_dw})
+
+
+def multichannel_linear(x: Tensor, weight_pw: Optional[Tensor] = None, weight_dw: Optional[Tensor] = None,
+                        bias_pw: Optional[Tensor] = None, bias_dw: Optional[Tensor] = None,
+                        backend: Optional[str] = None) -> Tensor:
+    """x (B, C_in, F_in, W) -> (B, C_out, F_out, W).
+
+    weight_pw (C_in, F_out, F_in), bias_pw (C_in, F_out): per-channel linear along features for every frame.
+    weight_dw (C_out, C_in), bias_dw (C_out,): depth-wise channel mix applied after it.
+    """
+    x, weight_pw, weight_dw, bias_pw, bias_dw = common.autocast_inputs(x, weight_pw, weight_dw, bias_pw, bias_dw)
+    check_inputs(x, weight_pw, weight_dw, bias_pw, bias_dw)
+    if not common.use_triton(x, backend):
+        return reference.multichannel_linear(x, weight_pw, weight_dw, bias_pw, bias_dw)
+    common.kernel_dtype_ok(x)
+    return _mcl_op(x, weight_pw, weight_dw, bias_pw, bias_dw)
+
+
+class MultichannelLinear(nn.Module):
+    """Parallel per-channel linear layers along features, with an optional depth-wise channel mix.
+
+    (B, in_channels, in_features, W) -> (B, out_channels, out_features, W). As in the seed, the position-wise
+    weight exists when ``positionwise`` or the feature count changes, the depth-wise one when ``depthwise``
+    or the channel count changes; weights init uniform(+-1/sqrt(fan_in)).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, in_features: int, out_features: int,
+                 positionwise: bool = True, depthwise: bool = False, bias: bool = False,
+                 backend: Optional[str] = None):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.in_features, self.out_features = in_features, out_features
+        self.backend = backend
+        self.weight_pw = self.bias_pw = self.weight_dw = self.bias_dw = None
+        if positionwise or in_features != out_features:
+            bound = 1 / math.sqrt(in_features)
+            self.weight_pw = nn.Parameter(torch.empty(in_channels, out_features, in_features).uniform_(-bound, bound))
+            if bias:
+                self.bias_pw = nn.Parameter(torch.empty(in_channels, out_features).uniform_(-bound, bound))
+        if depthwise or in_channels != out_channels:
+            bound = 1 / math.sqrt(in_channels)
+            self.weight_dw = nn.Parameter(torch.empty(out_channels, in_channels).uniform_(-bound, bound))
+            if bias:
+                self.bias_dw = nn.Parameter(torch.empty(out_channels).uniform_(-bound, bound))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return multichannel_linear(x, self.weight_pw, self.weight_dw, self.bias_pw, self.bias_dw,
+                                   backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"channels={self.in_channels}->{self.out_channels}, features={self.in_features}->"
+                f"{self.out_features}, positionwise={self.weight_pw is not None}, "
+                f"depthwise={self.weight_dw is not None}, bias={self.bias_pw is not None or self.bias_dw is not None}")
+
+
+# ----------------------------------------------------------------------------------------------
+# compile gate: every specialization the launch code above can pick
+
+
+def compile_specializations() -> List[Specialization]:
+    mod = __name__
+    out = []
+    # (HAS_NORM, ACTIVATION, MUL_SQRELU_GRAD) the launches use: plain layer / dx; feed-forward linear1
+    # with and without the fused norm, with and without the activation (two-pass); dx with the squared-ReLU grad.
+    pw_flags = [(False, ACT_NONE, False), (True, ACT_NONE, False), (False, ACT_SQRELU, False),
+                (True, ACT_SQRELU, False), (False, ACT_NONE, True)]
+    for dt in ("fp32", "fp16", "bf16"):
+        for BM in (16, 32, 64):
+            for norm, act, mul in pw_flags:
+                out.append(spec(mod, "_positionwise_kernel", dt, dict(
+                    HAS_NORM=norm, ACTIVATION=act, MUL_SQRELU_GRAD=mul, BM=BM, BN=64, BK=32, PRECISION=PRECISION)))
+            for act, mul in ((ACT_NONE, False), (ACT_SQRELU, False), (ACT_NONE, True)):
+                out.append(spec(mod, "_channel_mix_kernel", dt, dict(
+                    ACTIVATION=act, MUL_SQRELU_GRAD=mul, BM=BM, BN=64, BK=32, PRECISION=PRECISION)))
+        for C_out in (1, 2, 4, 8):
+            BO, BM, BN, BK = _mix_blocks(C_out)
+            for norm in (False, True):
+                for act in (ACT_NONE, ACT_SQRELU):
+                    out.append(spec(mod, "_positionwise_mix_kernel", dt, dict(
+                        HAS_NORM=norm, ACTIVATION=act, BO=BO, BM=BM, BN=BN, BK=BK, PRECISION=PRECISION)))
+        BM, BN, BK = _WG_BLOCKS
+        for rs in (False, True):
+            out.append(spec(mod, "_weight_grad_kernel", dt, dict(HAS_ROWSUM=rs, BM=BM, BN=BN, BK=BK,
+                                                                 PRECISION=PRECISION)))
+    return out
