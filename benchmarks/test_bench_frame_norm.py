@@ -1,0 +1,93 @@
+"""Frame norm: layer norm over the features of every (b, c, frame), per-channel affine (C, F).
+
+Providers: eager (ftkernels.reference.frame_norm, the baseline), layer_norm (F.layer_norm on the transposed
+view + per-channel affine), compile (torch.compile of the reference), ftkernels (ftkernels.frame_norm, backend
+auto: the Triton kernels on CUDA; on CPU it *is* the eager reference, so it is only smoke-checked there).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import bench_utils
+from benchmarks.bench_utils import Problem, Unsupported
+
+OP = "frame_norm"
+EPS = 1e-5
+
+
+def _eager():
+    from ftkernels import reference
+    return lambda x, w, b: reference.frame_norm(x, w, b, EPS)
+
+
+def layer_norm(x, w, b):
+    y = F.layer_norm(x.transpose(2, 3), (x.shape[2],), eps=EPS).transpose(2, 3)
+    return torch.addcmul(b[None, :, :, None], y, w[None, :, :, None])
+
+
+def _compiled():
+    from ftkernels import reference
+    fn = torch.compile(reference.frame_norm, dynamic=False)
+    return lambda x, w, b: fn(x, w, b, EPS)
+
+
+def _ftkernels(full):
+    def make():
+        import ftkernels
+        if full and not bench_utils.HAS_CUDA:
+            raise Unsupported("on CPU ftkernels.frame_norm runs the eager reference (same code as 'eager')")
+        return lambda x, w, b: ftkernels.frame_norm(x, w, b, EPS)
+    return make
+
+
+PROVIDERS = ["eager", "layer_norm", "compile", "ftkernels"]
+
+# (B, C, F, W)
+SMOKE = [(2, 3, 16, 8)]
+CPU = [(1, 4, 1024, 256), (1, 16, 256, 512), (4, 32, 128, 256)]
+CPU_BWD = [(1, 16, 256, 512)]
+GPU = [(8, 4, 2048, 512), (8, 16, 512, 512), (8, 32, 1024, 256), (8, 128, 256, 512), (8, 320, 128, 512)]
+GPU_BWD = [(8, 4, 2048, 512), (8, 32, 1024, 256), (8, 320, 128, 512)]
+
+
+def size_label(B, C, F_, W):
+    return f"B{B} C{C} F{F_} W{W}"
+
+
+def problem(dims, device, dtype) -> Problem:
+    B, C, F_, W = dims
+
+    def make_inputs(i):
+        g = torch.Generator(device="cpu").manual_seed(200 + i)
+        x = torch.randn(B, C, F_, W, generator=g) * 2 + 0.5
+        w = 1 + 0.1 * torch.randn(C, F_, generator=g)
+        b = 0.1 * torch.randn(C, F_, generator=g)
+        return tuple(t.to(device, dtype) for t in (x, w, b))
+
+    def oracle(x, w, b):
+        from ftkernels import reference
+        return reference.frame_norm(x, w, b, EPS)
+
+    elt = torch.tensor([], dtype=dtype).element_size()
+    n = B * C * F_ * W
+    return Problem(OP, size_label(*dims), dict(B=B, C=C, F=F_, W=W), make_inputs, oracle, flops=8 * n,
+                   bytes=elt * (2 * n + 2 * C * F_), grad_argnums=(0, 1, 2), bwd_flops_factor=1.5,
+                   bwd_bytes_factor=1.5, metric="bytes")
+
+
+def pytest_generate_tests(metafunc):
+    if "case" not in metafunc.fixturenames:
+        return
+    cfg = metafunc.config
+    cases = [("fwd", d) for d in bench_utils.pick_sizes(cfg, SMOKE, CPU, GPU)]
+    cases += [("fwd+bwd", d) for d in bench_utils.pick_sizes(cfg, SMOKE, CPU_BWD, GPU_BWD)]
+    params = [(m, d, p) for m, d in cases for p in PROVIDERS]
+    metafunc.parametrize("case", params, ids=[f"{m}-{size_label(*d).replace(' ', '_')}-{p}" for m, d, p in params])
+
+
+def test_frame_norm(request, bench, case):
+    mode, dims, provider = case
+    make = {"eager": _eager, "layer_norm": lambda: layer_norm, "compile": _compiled,
+            "ftkernels": _ftkernels(bench.full)}[provider]
+    bench.run(request, problem(dims, bench.device, bench.dtype), provider, make, mode, baseline="eager")
