@@ -1,0 +1,248 @@
+"""Training data: a cache of complex spectrograms and the voxaug dataset.
+
+* :class:`SpectrogramCache` - every audio file is read once (resampled, mono -> stereo), its STFT stored as
+  a complex64 ``.npy`` ``(2, n_fft // 2 + 1, frames)`` under the cache folder (written atomically, keyed by
+  path, size, mtime and STFT settings) and crops are read through a memory map, so epochs never redo the
+  STFT. A file that cannot be read is reported by name (a warning) and skipped.
+* :class:`VoxAugDataset` - each item mixes a random crop of an instrumental track with a random crop of a
+  vocal stem (the STFT is linear, so mixing happens on the complex spectrograms), with augmentations:
+  channel swap, random gains, an occasional silent vocal channel, occasional items without vocals.
+  Optional (mixture, instrumental) pairs join the pool. Item = ``(X, Y)`` magnitudes ``(2, bins, cropsize)``
+  divided by the mixture's max, target Y = instrumental magnitude; ``return_complex=True`` adds the complex
+  mixture and vocal spectrograms (same scale) for SDR. Randomness comes from ``(seed, epoch, index)`` only,
+  so items are reproducible, worker-independent and resumable.
+* :class:`ResumableDistributedSampler` - a DistributedSampler that can start mid-epoch (``set_start``).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import tempfile
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, DistributedSampler
+
+from frame_transformer import audio
+
+log = logging.getLogger("frame_transformer.data")
+
+
+def _warn(msg: str) -> None:
+    log.warning(msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+class SpectrogramCache:
+    def __init__(self, cache_dir: str, sr: int, n_fft: int = 2048, hop: int = 1024):
+        self.cache_dir, self.sr, self.n_fft, self.hop = cache_dir, int(sr), int(n_fft), int(hop)
+        os.makedirs(cache_dir, exist_ok=True)
+        self.failed: List[str] = []
+
+    def key_path(self, path: str) -> str:
+        st = os.stat(path)
+        ident = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{self.sr}|{self.n_fft}|{self.hop}|v1"
+        h = hashlib.sha1(ident.encode()).hexdigest()[:16]
+        stem = os.path.splitext(os.path.basename(path))[0][:60]
+        return os.path.join(self.cache_dir, f"{stem}-{h}.npy")
+
+    def compute(self, path: str) -> np.ndarray:
+        wave, _ = audio.load_audio(path, sr=self.sr)
+        return audio.stft(torch.from_numpy(wave), self.n_fft, self.hop).numpy().astype(np.complex64)
+
+    def get(self, path: str) -> Optional[str]:
+        """Cached spectrogram file for ``path`` (computed when missing); None (with a warning) if unreadable."""
+        try:
+            out = self.key_path(path)
+        except OSError as e:
+            self.failed.append(path)
+            _warn(f"skipping {path}: {e}")
+            return None
+        if os.path.exists(out):
+            try:
+                np.load(out, mmap_mode="r")
+                return out
+            except Exception:  # a damaged cache entry: rebuild it
+                pass
+        try:
+            spec = self.compute(path)
+        except Exception as e:
+            self.failed.append(path)
+            _warn(f"skipping unreadable audio file {path}: {e}")
+            return None
+        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".npy.tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, spec)
+            os.replace(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return out
+
+    def build(self, paths: Sequence[str], desc: str = "caching", progress: bool = False) -> List[str]:
+        """Cache every file; returns the cache files of those that could be read (order kept)."""
+        it = paths
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(paths, desc=desc, leave=False)
+        return [c for c in (self.get(p) for p in it) if c is not None]
+
+
+def _load_crop(cache_file: str, start: int, length: int) -> np.ndarray:
+    spec = np.load(cache_file, mmap_mode="r")
+    crop = np.asarray(spec[..., start:start + length])
+    if crop.shape[-1] < length:
+        pad = np.zeros(crop.shape[:-1] + (length - crop.shape[-1],), dtype=crop.dtype)
+        crop = np.concatenate([crop, pad], axis=-1)
+    return crop
+
+
+def _frames(cache_file: str) -> int:
+    return int(np.load(cache_file, mmap_mode="r").shape[-1])
+
+
+class VoxAugDataset(Dataset):
+    def __init__(self, instrumentals: Sequence[str], vocals: Sequence[str], cropsize: int = 256,
+                 epoch_size: int = 1000, seed: int = 0, augment: bool = True,
+                 pairs: Sequence[Tuple[str, str]] = (), return_complex: bool = False,
+                 p_swap: float = 0.5, inst_gain: Tuple[float, float] = (0.5, 1.1),
+                 vocal_gain: Tuple[float, float] = (0.3, 1.3), p_silent_channel: float = 0.05,
+                 p_no_vocal: float = 0.1):
+        """``instrumentals``/``vocals``: cache files (see :class:`SpectrogramCache`); ``pairs``: (mixture, instrumental)
+        cache-file pairs. Without ``augment`` items are plain mixes (no gains, swaps, drops): validation."""
+        if not instrumentals and not pairs:
+            raise ValueError("VoxAugDataset needs at least one readable instrumental track or (mixture, instrumental) pair")
+        if instrumentals and not vocals:
+            raise ValueError("VoxAugDataset needs at least one readable vocal track to mix with the instrumentals")
+        self.instrumentals, self.vocals, self.pairs = list(instrumentals), list(vocals), list(pairs)
+        self.cropsize, self.epoch_size, self.seed = int(cropsize), int(epoch_size), int(seed)
+        self.augment, self.return_complex = augment, return_complex
+        self.p_swap, self.inst_gain, self.vocal_gain = p_swap, inst_gain, vocal_gain
+        self.p_silent_channel, self.p_no_vocal = p_silent_channel, p_no_vocal
+        self.epoch = 0
+        self._frames: Dict[str, int] = {}
+        self.bad: set = set()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.epoch_size
+
+    def _nframes(self, f: str) -> int:
+        n = self._frames.get(f)
+        if n is None:
+            n = self._frames[f] = _frames(f)
+        return n
+
+    def _crop(self, f: str, rng) -> np.ndarray:
+        n = self._nframes(f)
+        start = int(rng.integers(0, max(1, n - self.cropsize + 1)))
+        return _load_crop(f, start, self.cropsize)
+
+    def _draw(self, rng):
+        n_inst, n_pairs = len(self.instrumentals), len(self.pairs)
+        if n_pairs and rng.random() < n_pairs / (n_inst + n_pairs):
+            mix_f, inst_f = self.pairs[int(rng.integers(n_pairs))]
+            n = min(self._nframes(mix_f), self._nframes(inst_f))
+            start = int(rng.integers(0, max(1, n - self.cropsize + 1)))
+            mix = _load_crop(mix_f, start, self.cropsize)
+            inst = _load_crop(inst_f, start, self.cropsize)
+            voc = mix - inst
+            if self.augment and rng.random() < self.p_swap:
+                inst, voc = inst[::-1], voc[::-1]
+            return inst, voc
+        inst = self._crop(self.instrumentals[int(rng.integers(n_inst))], rng)
+        voc = self._crop(self.vocals[int(rng.integers(len(self.vocals)))], rng)
+        if self.augment:
+            if rng.random() < self.p_swap:
+                inst = inst[::-1]
+            if rng.random() < self.p_swap:
+                voc = voc[::-1]
+            inst = inst * rng.uniform(*self.inst_gain)
+            voc = voc * rng.uniform(*self.vocal_gain)
+            if rng.random() < self.p_silent_channel:
+                voc = voc.copy()
+                voc[int(rng.integers(2))] = 0
+            if rng.random() < self.p_no_vocal:
+                voc = np.zeros_like(voc)
+        return inst, voc
+
+    def __getitem__(self, index: int):
+        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        for attempt in range(10):
+            try:
+                inst, voc = self._draw(rng)
+                break
+            except Exception as e:  # a cache file vanished or is damaged: report, draw another
+                _warn(f"skipping unreadable spectrogram while building item {index}: {e}")
+        else:
+            raise RuntimeError(f"could not build item {index}: too many unreadable files")
+        inst = torch.from_numpy(np.ascontiguousarray(inst))
+        voc = torch.from_numpy(np.ascontiguousarray(voc))
+        mix = inst + voc
+        x_mag, y_mag = mix.abs(), inst.abs()
+        scale = x_mag.amax().clamp_min(1e-8)
+        if not self.return_complex:
+            return x_mag / scale, y_mag / scale
+        return x_mag / scale, y_mag / scale, mix / scale, voc / scale
+
+
+def collect_files(folder: Optional[str]) -> List[str]:
+    if not folder:
+        return []
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"data folder {folder!r} does not exist")
+    return audio.list_audio_files(folder)
+
+
+def collect_pairs(folder: Optional[str]) -> List[Tuple[str, str]]:
+    """``folder/mixtures/NAME.*`` with ``folder/instrumentals/NAME.*`` (matched by file stem)."""
+    if not folder:
+        return []
+    mixes = {os.path.splitext(os.path.basename(p))[0]: p for p in collect_files(os.path.join(folder, "mixtures"))}
+    insts = {os.path.splitext(os.path.basename(p))[0]: p for p in collect_files(os.path.join(folder, "instrumentals"))}
+    missing = sorted(set(mixes) ^ set(insts))
+    if missing:
+        _warn(f"{len(missing)} unmatched files in pair folder {folder} (e.g. {missing[0]!r}); skipped")
+    return [(mixes[k], insts[k]) for k in sorted(set(mixes) & set(insts))]
+
+
+def build_dataset(cache: SpectrogramCache, instrumental_dir: Optional[str], vocal_dir: Optional[str],
+                  pair_dir: Optional[str] = None, progress: bool = False, **kwargs) -> VoxAugDataset:
+    """Cache every file of the folders (skipping unreadable ones) and build a :class:`VoxAugDataset`."""
+    inst = cache.build(collect_files(instrumental_dir), "caching instrumentals", progress)
+    voc = cache.build(collect_files(vocal_dir), "caching vocals", progress)
+    pairs = []
+    for m, i in collect_pairs(pair_dir):
+        cm, ci = cache.get(m), cache.get(i)
+        if cm is not None and ci is not None:
+            pairs.append((cm, ci))
+    return VoxAugDataset(inst, voc, pairs=pairs, **kwargs)
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """DistributedSampler (also used with one replica) that can skip the first ``start`` indices of its
+    epoch's shard, so a run resumed mid-epoch sees exactly the items it would have seen."""
+
+    def __init__(self, dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = True):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
+        self.start = 0
+
+    def set_start(self, start: int) -> None:
+        self.start = int(start)
+
+    def __iter__(self):
+        idx = list(super().__iter__())
+        return iter(idx[self.start:])
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.start)
