@@ -125,6 +125,11 @@ def dot_block(n: int, lo: int = 16, hi: int = 64) -> int:
     return max(lo, min(hi, next_pow2(n)))
 
 
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Kernel statistics/partials: fp32, or fp64 when the interpreter runs the float64 oracle."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def kernel_dtype_ok(x: torch.Tensor, name: str = "x") -> None:
     """float64 runs in the interpreter (the test oracle) but is not a GPU specialization."""
     if x.dtype == torch.float64 and x.is_cuda:

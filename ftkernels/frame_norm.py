@@ -9,7 +9,7 @@ The features axis is strided (stride W in a contiguous tensor) while frames are 
 takes BW neighbouring frames of one (b, c) -- coalesced loads along frames -- and walks the features in BF
 chunks: pass 1 sums for the mean, pass 2 the centred squares for the variance (two-pass: no cancellation
 on large-mean inputs such as magnitude spectrograms), pass 3 writes y. Re-reads of the (F x BW) slab hit L2.
-``_frame_norm_fwd_kernel`` also stores mean/rstd (B, C, W) fp32 for backward (and the feed-forward's
+``_frame_norm_fwd_kernel`` also stores mean/rstd (B, C, W) fp32 (fp64 for the float64 interpreter oracle) for backward (and the feed-forward's
 fused-norm prologue, which runs it with ``STORE_Y=False``).
 
 ``_frame_norm_bwd_kernel``: per (b, c, frame-block), pass 1 reduces sum(g) and sum(g * xhat) with
@@ -38,23 +38,24 @@ def _frame_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_f32_ptr, rstd_f32_pt
                            s_xb, s_xc, s_xf, s_xw, s_yb, s_yc, s_yf, s_yw,
                            STORE_Y: tl.constexpr, BF: tl.constexpr, BW: tl.constexpr):
     """grid (W-blocks, C, B); weight/bias (C, F) contiguous; mean/rstd (B, C, W) contiguous fp32."""
+    ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid_w = tl.program_id(0)
     c = tl.program_id(1)
     b = tl.program_id(2)
     offs_w = pid_w * BW + tl.arange(0, BW)
     mask_w = offs_w < W
     x_base = x_ptr + b.to(tl.int64) * s_xb + c.to(tl.int64) * s_xc + offs_w[None, :] * s_xw
-    acc = tl.zeros((BW,), dtype=tl.float32)
+    acc = tl.zeros((BW,), dtype=ACC)
     for f0 in range(0, F, BF):
         offs_f = f0 + tl.arange(0, BF)
         m = (offs_f[:, None] < F) & mask_w[None, :]
-        acc += tl.sum(tl.load(x_base + offs_f[:, None] * s_xf, mask=m, other=0.0).to(tl.float32), axis=0)
+        acc += tl.sum(tl.load(x_base + offs_f[:, None] * s_xf, mask=m, other=0.0).to(ACC), axis=0)
     mean = acc / F
-    acc = tl.zeros((BW,), dtype=tl.float32)
+    acc = tl.zeros((BW,), dtype=ACC)
     for f0 in range(0, F, BF):
         offs_f = f0 + tl.arange(0, BF)
         m = (offs_f[:, None] < F) & mask_w[None, :]
-        xc = tl.load(x_base + offs_f[:, None] * s_xf, mask=m, other=0.0).to(tl.float32) - mean[None, :]
+        xc = tl.load(x_base + offs_f[:, None] * s_xf, mask=m, other=0.0).to(ACC) - mean[None, :]
         xc = tl.where(m, xc, 0.0)
         acc += tl.sum(xc * xc, axis=0)
     rstd = 1.0 / tl.sqrt(acc / F + eps)
@@ -67,9 +68,9 @@ def _frame_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_f32_ptr, rstd_f32_pt
             offs_f = f0 + tl.arange(0, BF)
             mask_f = offs_f < F
             m = mask_f[:, None] & mask_w[None, :]
-            x = tl.load(x_base + offs_f[:, None] * s_xf, mask=m, other=0.0).to(tl.float32)
-            g = tl.load(w_ptr + c * F + offs_f, mask=mask_f, other=0.0).to(tl.float32)
-            bt = tl.load(b_ptr + c * F + offs_f, mask=mask_f, other=0.0).to(tl.float32)
+            x = tl.load(x_base + offs_f[:, None] * s_xf, mask=m, other=0.0).to(ACC)
+            g = tl.load(w_ptr + c * F + offs_f, mask=mask_f, other=0.0).to(ACC)
+            bt = tl.load(b_ptr + c * F + offs_f, mask=mask_f, other=0.0).to(ACC)
             y = (x - mean[None, :]) * rstd[None, :] * g[:, None] + bt[:, None]
             tl.store(y_base + offs_f[:, None] * s_yf, y.to(y_ptr.dtype.element_ty), mask=m)
 
@@ -79,6 +80,7 @@ def _frame_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_f32_ptr, rstd_f32_ptr, dx_
                            C, F, W, s_gb, s_gc, s_gf, s_gw, s_xb, s_xc, s_xf, s_xw, s_db, s_dc, s_df, s_dw,
                            BF: tl.constexpr, BW: tl.constexpr):
     """grid (W-blocks, C, B); partial dweight/dbias rows (b * W-blocks + pid_w, c, :) of (B*nWb, C, F) fp32."""
+    ACC: tl.constexpr = tl.float64 if dy_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid_w = tl.program_id(0)
     c = tl.program_id(1)
     b = tl.program_id(2)
@@ -90,17 +92,17 @@ def _frame_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_f32_ptr, rstd_f32_ptr, dx_
     g_base = dy_ptr + b.to(tl.int64) * s_gb + c.to(tl.int64) * s_gc + offs_w[None, :] * s_gw
     x_base = x_ptr + b.to(tl.int64) * s_xb + c.to(tl.int64) * s_xc + offs_w[None, :] * s_xw
     part = ((b * tl.num_programs(0) + pid_w) * C + c).to(tl.int64) * F
-    sum_g = tl.zeros((BW,), dtype=tl.float32)
-    sum_gx = tl.zeros((BW,), dtype=tl.float32)
+    sum_g = tl.zeros((BW,), dtype=ACC)
+    sum_gx = tl.zeros((BW,), dtype=ACC)
     for f0 in range(0, F, BF):
         offs_f = f0 + tl.arange(0, BF)
         mask_f = offs_f < F
         m = mask_f[:, None] & mask_w[None, :]
-        dy = tl.load(g_base + offs_f[:, None] * s_gf, mask=m, other=0.0).to(tl.float32)
-        xhat = (tl.load(x_base + offs_f[:, None] * s_xf, mask=m, other=0.0).to(tl.float32) - mean[None, :]) \
+        dy = tl.load(g_base + offs_f[:, None] * s_gf, mask=m, other=0.0).to(ACC)
+        xhat = (tl.load(x_base + offs_f[:, None] * s_xf, mask=m, other=0.0).to(ACC) - mean[None, :]) \
             * rstd[None, :]
         xhat = tl.where(m, xhat, 0.0)
-        gamma = tl.load(w_ptr + c * F + offs_f, mask=mask_f, other=0.0).to(tl.float32)
+        gamma = tl.load(w_ptr + c * F + offs_f, mask=mask_f, other=0.0).to(ACC)
         g = dy * gamma[:, None]
         sum_g += tl.sum(g, axis=0)
         sum_gx += tl.sum(g * xhat, axis=0)
@@ -113,10 +115,10 @@ def _frame_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_f32_ptr, rstd_f32_ptr, dx_
         offs_f = f0 + tl.arange(0, BF)
         mask_f = offs_f < F
         m = mask_f[:, None] & mask_w[None, :]
-        dy = tl.load(g_base + offs_f[:, None] * s_gf, mask=m, other=0.0).to(tl.float32)
-        xhat = (tl.load(x_base + offs_f[:, None] * s_xf, mask=m, other=0.0).to(tl.float32) - mean[None, :]) \
+        dy = tl.load(g_base + offs_f[:, None] * s_gf, mask=m, other=0.0).to(ACC)
+        xhat = (tl.load(x_base + offs_f[:, None] * s_xf, mask=m, other=0.0).to(ACC) - mean[None, :]) \
             * rstd[None, :]
-        gamma = tl.load(w_ptr + c * F + offs_f, mask=mask_f, other=0.0).to(tl.float32)
+        gamma = tl.load(w_ptr + c * F + offs_f, mask=mask_f, other=0.0).to(ACC)
         dx = rstd[None, :] * (dy * gamma[:, None] - mean_g[None, :] - xhat * mean_gx[None, :])
         tl.store(dx_base + offs_f[:, None] * s_df, dx.to(dx_ptr.dtype.element_ty), mask=m)
 
@@ -138,7 +140,7 @@ def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: fl
     B, C, F, W = x.shape
     w, b = _affine(x, weight, bias)
     y = torch.empty_like(x, memory_format=torch.contiguous_format) if store_y else x
-    mean = torch.empty((B, C, W), device=x.device, dtype=torch.float32)
+    mean = torch.empty((B, C, W), device=x.device, dtype=common.stats_dtype(x.dtype))
     rstd = torch.empty_like(mean)
     _frame_norm_fwd_kernel[(triton.cdiv(W, BW), C, B)](
         x, w, b, y, mean, rstd, C, F, W, eps, *x.stride(), *y.stride(), STORE_Y=store_y, BF=BF, BW=BW, num_warps=4)
@@ -158,7 +160,7 @@ def backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd
     w, _ = _affine(x, weight, None)
     n_wb = triton.cdiv(W, BW)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    dw_part = torch.empty((B * n_wb, C, F), device=x.device, dtype=torch.float32)
+    dw_part = torch.empty((B * n_wb, C, F), device=x.device, dtype=common.stats_dtype(x.dtype))
     db_part = torch.empty_like(dw_part)
     _frame_norm_bwd_kernel[(n_wb, C, B)](dy, x, w, mean, rstd, dx, dw_part, db_part, C, F, W, *dy.stride(),
                                          *x.stride(), *dx.stride(), BF=BF, BW=BW, num_warps=4)
@@ -180,7 +182,7 @@ def _frame_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
 @_frame_norm_op.register_fake
 def _(x, weight, bias, eps):
     B, C, F, W = x.shape
-    stat = x.new_empty((B, C, W), dtype=torch.float32)
+    stat = x.new_empty((B, C, W), dtype=common.stats_dtype(x.dtype))
     return torch.empty_like(x, memory_format=torch.contiguous_format), stat, torch.empty_like(stat)
 
 

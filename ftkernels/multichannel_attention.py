@@ -62,10 +62,16 @@ MAX_HEAD_DIM = 128
 BLOCK_DS = (16, 32, 64, 128)
 
 
-def _blocks(block_d: int) -> Tuple[int, int, int, int]:
-    """(BM, BN, num_warps, num_stages) for a padded head dim."""
+def _blocks(block_d: int, kernel: str = "fwd") -> Tuple[int, int, int, int]:
+    """(BM, BN, num_warps, num_stages) of a kernel ("fwd", "dkdv", "dq") for a padded head dim.
+
+    BLOCK_D = 128 takes smaller frame blocks so fp32 tiles fit sm_80's shared memory (the dk/dv kernel
+    keeps K, V and two accumulators resident and streams (BM x 128) Q and dO tiles).
+    """
     if block_d <= 64:
         return 64, 64, 4, 2
+    if kernel == "dkdv":
+        return 32, 64, 4, 2
     return 64, 32, 4, 2
 
 
@@ -298,7 +304,6 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
     WK = k.shape[3]
     D = F // num_heads
     BD = _block_d(D)
-    BM, BN, warps, stages = _blocks(BD)
     sd = _stat_dtype(q)
     delta = (do.to(sd) * out.to(sd)).reshape(B, C, num_heads, D, WQ).sum(3).contiguous()
     dq = torch.empty((B, C, F, WQ), device=q.device, dtype=q.dtype)
@@ -306,12 +311,14 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
     dv = torch.empty_like(dk)
     common_args = (C, num_heads, D, WQ, WK, float(scale) * LOG2E, float(scale),
                    *q.stride(), *k.stride(), *v.stride(), *do.stride())
-    cx = dict(ROTARY=bool(rotary), BM=BM, BN=BN, BLOCK_D=BD, PRECISION=PRECISION, num_warps=warps,
-              num_stages=stages)
+    BM, BN, warps, stages = _blocks(BD, "dkdv")
     _mca_bwd_dkdv_kernel[(triton.cdiv(WK, BN), C * num_heads, B)](
-        q, k, v, do, lse, delta, dk, dv, *common_args, *dk.stride(), *dv.stride(), **cx)
+        q, k, v, do, lse, delta, dk, dv, *common_args, *dk.stride(), *dv.stride(), ROTARY=bool(rotary), BM=BM,
+        BN=BN, BLOCK_D=BD, PRECISION=PRECISION, num_warps=warps, num_stages=stages)
+    BM, BN, warps, stages = _blocks(BD, "dq")
     _mca_bwd_dq_kernel[(triton.cdiv(WQ, BM), C * num_heads, B)](
-        q, k, v, do, lse, delta, dq, *common_args, *dq.stride(), **cx)
+        q, k, v, do, lse, delta, dq, *common_args, *dq.stride(), ROTARY=bool(rotary), BM=BM, BN=BN, BLOCK_D=BD,
+        PRECISION=PRECISION, num_warps=warps, num_stages=stages)
     return dq, dk, dv
 
 
@@ -465,13 +472,11 @@ def compile_specializations() -> List[Specialization]:
     floats_bwd = ("qk_scale", "scale")
     for dt in ("fp32", "fp16", "bf16"):
         for bd in BLOCK_DS:
-            BM, BN, warps, stages = _blocks(bd)
             for rot in (False, True):
-                cx = dict(ROTARY=rot, BM=BM, BN=BN, BLOCK_D=bd, PRECISION=PRECISION)
-                out.append(spec(__name__, "_mca_fwd_kernel", dt, cx, floats=floats_fwd, num_warps=warps,
-                                num_stages=stages))
-                out.append(spec(__name__, "_mca_bwd_dkdv_kernel", dt, cx, floats=floats_bwd, num_warps=warps,
-                                num_stages=stages))
-                out.append(spec(__name__, "_mca_bwd_dq_kernel", dt, cx, floats=floats_bwd, num_warps=warps,
-                                num_stages=stages))
+                for kernel, name, floats in (("fwd", "_mca_fwd_kernel", floats_fwd),
+                                             ("dkdv", "_mca_bwd_dkdv_kernel", floats_bwd),
+                                             ("dq", "_mca_bwd_dq_kernel", floats_bwd)):
+                    BM, BN, warps, stages = _blocks(bd, kernel)
+                    cx = dict(ROTARY=rot, BM=BM, BN=BN, BLOCK_D=bd, PRECISION=PRECISION)
+                    out.append(spec(__name__, name, dt, cx, floats=floats, num_warps=warps, num_stages=stages))
     return out

@@ -52,9 +52,11 @@ def _positionwise_tile(w_ptr, x_ptr, mean_f32_ptr, rstd_f32_ptr, gamma_ptr, beta
                        HAS_NORM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                        PRECISION: tl.constexpr):
     """(BM, BN) fp32 tile of W[c] @ norm?(x[b, c]) for rows offs_m (features out) and cols offs_n (frames)."""
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    w_base = w_ptr + c.to(tl.int64) * s_wc
-    x_base = x_ptr + b.to(tl.int64) * s_xb + c.to(tl.int64) * s_xc
+    ACC: tl.constexpr = tl.float64 if w_ptr.dtype.element_ty == tl.float64 else tl.float32
+    acc = tl.zeros((BM, BN), dtype=ACC)
+    c = tl.cast(c, tl.int64)  # a loop counter in the fused kernel
+    w_base = w_ptr + c * s_wc
+    x_base = x_ptr + b.to(tl.int64) * s_xb + c * s_xc
     mask_m = offs_m < M
     mask_n = offs_n < N
     if HAS_NORM:
@@ -69,9 +71,9 @@ def _positionwise_tile(w_ptr, x_ptr, mean_f32_ptr, rstd_f32_ptr, gamma_ptr, beta
         x = tl.load(x_base + offs_k[:, None] * s_xk + offs_n[None, :] * s_xn,
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         if HAS_NORM:
-            g = tl.load(gamma_ptr + c * s_gc + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-            bt = tl.load(beta_ptr + c * s_gc + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-            xf = (x.to(tl.float32) - mean[None, :]) * rstd[None, :] * g[:, None] + bt[:, None]
+            g = tl.load(gamma_ptr + c * s_gc + offs_k, mask=mask_k, other=0.0).to(ACC)
+            bt = tl.load(beta_ptr + c * s_gc + offs_k, mask=mask_k, other=0.0).to(ACC)
+            xf = (x.to(ACC) - mean[None, :]) * rstd[None, :] * g[:, None] + bt[:, None]
             x = xf.to(w.dtype)
         acc = tl.dot(w, x, acc, input_precision=PRECISION)
     return acc
@@ -85,6 +87,7 @@ def _positionwise_kernel(w_ptr, x_ptr, bias_ptr, out_ptr, mul_ptr, mean_f32_ptr,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
     """out[b, c] = epilogue(W[c] @ prologue(x[b, c]) + bias[c]); grid (m-tiles * n-tiles, C, B).
     bias (C, M) contiguous (zeros when the layer has none: one load per row, fewer specializations)."""
+    ACC: tl.constexpr = tl.float64 if w_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     c = tl.program_id(1)
     b = tl.program_id(2)
@@ -95,13 +98,13 @@ def _positionwise_kernel(w_ptr, x_ptr, bias_ptr, out_ptr, mul_ptr, mean_f32_ptr,
                              M, N, K, s_wc, s_wm, s_wk, s_xb, s_xc, s_xk, s_xn, s_sb, s_sc, s_gc,
                              HAS_NORM, BM, BN, BK, PRECISION)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    acc += tl.load(bias_ptr + c * M + offs_m, mask=offs_m < M, other=0.0).to(tl.float32)[:, None]
+    acc += tl.load(bias_ptr + c * M + offs_m, mask=offs_m < M, other=0.0).to(ACC)[:, None]
     if ACTIVATION == 1:
         acc = tl.maximum(acc, 0.0)
         acc = acc * acc
     if MUL_SQRELU_GRAD:  # d/dz relu(z)^2 = 2 relu(z) = 2 sqrt(h), h the saved squared-ReLU output
         h = tl.load(mul_ptr + b.to(tl.int64) * s_pb + c.to(tl.int64) * s_pc + offs_m[:, None] * s_pm
-                    + offs_n[None, :] * s_pn, mask=mask, other=0.0).to(tl.float32)
+                    + offs_n[None, :] * s_pn, mask=mask, other=0.0).to(ACC)
         acc = acc * 2.0 * tl.sqrt(h)
     out = out_ptr + b.to(tl.int64) * s_ob + c.to(tl.int64) * s_oc + offs_m[:, None] * s_om + offs_n[None, :] * s_on
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -114,6 +117,7 @@ def _positionwise_mix_kernel(w_ptr, x_ptr, bias_ptr, mix_ptr, mix_bias_ptr, out_
                              HAS_NORM: tl.constexpr, ACTIVATION: tl.constexpr, BO: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                              BK: tl.constexpr, PRECISION: tl.constexpr):
     """Fused position-wise + channel mix for C_out <= BO; grid (m-tiles * n-tiles, 1, B)."""
+    ACC: tl.constexpr = tl.float64 if w_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     b = tl.program_id(2)
     n_tiles = tl.cdiv(N, BN)
@@ -121,15 +125,15 @@ def _positionwise_mix_kernel(w_ptr, x_ptr, bias_ptr, mix_ptr, mix_bias_ptr, out_
     offs_n = (pid % n_tiles) * BN + tl.arange(0, BN)
     offs_o = tl.arange(0, BO)
     mask_o = offs_o < C_out
-    acc = tl.zeros((BO, BM, BN), dtype=tl.float32)
+    acc = tl.zeros((BO, BM, BN), dtype=ACC)
     for c in range(0, C_in):
         y = _positionwise_tile(w_ptr, x_ptr, mean_f32_ptr, rstd_f32_ptr, gamma_ptr, beta_ptr, b, c, offs_m, offs_n,
                                M, N, K, s_wc, s_wm, s_wk, s_xb, s_xc, s_xk, s_xn, s_sb, s_sc, s_gc,
                                HAS_NORM, BM, BN, BK, PRECISION)
-        y += tl.load(bias_ptr + c * M + offs_m, mask=offs_m < M, other=0.0).to(tl.float32)[:, None]
-        wd = tl.load(mix_ptr + offs_o * s_mo + c * s_mc, mask=mask_o, other=0.0).to(tl.float32)
+        y += tl.load(bias_ptr + c * M + offs_m, mask=offs_m < M, other=0.0).to(ACC)[:, None]
+        wd = tl.load(mix_ptr + offs_o * s_mo + c * s_mc, mask=mask_o, other=0.0).to(ACC)
         acc += wd[:, None, None] * y[None, :, :]
-    acc += tl.load(mix_bias_ptr + offs_o, mask=mask_o, other=0.0).to(tl.float32)[:, None, None]
+    acc += tl.load(mix_bias_ptr + offs_o, mask=mask_o, other=0.0).to(ACC)[:, None, None]
     if ACTIVATION == 1:
         acc = tl.maximum(acc, 0.0)
         acc = acc * acc
@@ -145,6 +149,7 @@ def _channel_mix_kernel(w_ptr, y_ptr, bias_ptr, out_ptr, mul_ptr, M, N, K, F, W,
                         ACTIVATION: tl.constexpr, MUL_SQRELU_GRAD: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
     """out[b, m, f, w] = epilogue(sum_k W[m, k] y[b, k, f, w] + bias[m]); n = f * W + w; grid (tiles, 1, B)."""
+    ACC: tl.constexpr = tl.float64 if w_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     b = tl.program_id(2)
     n_tiles = tl.cdiv(N, BN)
@@ -155,7 +160,7 @@ def _channel_mix_kernel(w_ptr, y_ptr, bias_ptr, out_ptr, mul_ptr, M, N, K, F, W,
     f = offs_n // W
     w = offs_n % W
     y_base = y_ptr + b.to(tl.int64) * s_yb + f * s_yf + w * s_yw
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = tl.zeros((BM, BN), dtype=ACC)
     for k0 in range(0, K, BK):
         offs_k = k0 + tl.arange(0, BK)
         mask_k = offs_k < K
@@ -165,13 +170,13 @@ def _channel_mix_kernel(w_ptr, y_ptr, bias_ptr, out_ptr, mul_ptr, M, N, K, F, W,
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a, y, acc, input_precision=PRECISION)
     mask = mask_m[:, None] & mask_n[None, :]
-    acc += tl.load(bias_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)[:, None]
+    acc += tl.load(bias_ptr + offs_m, mask=mask_m, other=0.0).to(ACC)[:, None]
     if ACTIVATION == 1:
         acc = tl.maximum(acc, 0.0)
         acc = acc * acc
     if MUL_SQRELU_GRAD:
         h = tl.load(mul_ptr + b.to(tl.int64) * s_pb + offs_m[:, None].to(tl.int64) * s_pm
-                    + (f * s_pf + w * s_pw)[None, :], mask=mask, other=0.0).to(tl.float32)
+                    + (f * s_pf + w * s_pw)[None, :], mask=mask, other=0.0).to(ACC)
         acc = acc * 2.0 * tl.sqrt(h)
     out = (out_ptr + b.to(tl.int64) * s_ob + offs_m[:, None].to(tl.int64) * s_om
            + (f * s_of + w * s_ow)[None, :])
@@ -185,6 +190,7 @@ def _weight_grad_kernel(a_ptr, b_ptr, out_f32_ptr, rowsum_f32_ptr, M, N, K, K_IN
                         PRECISION: tl.constexpr):
     """Partial dW[split, g] = sum_{k in split} A[g, :, k] B[g, :, k]^T, k = k1 * K_INNER + k0 addressed through
     (s_*k1, s_*k0) strides; with HAS_ROWSUM also partial sum_k A[g, :, k]. grid (tiles, G, SPLITS)."""
+    ACC: tl.constexpr = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     g = tl.program_id(1)
     split = tl.program_id(2)
@@ -196,8 +202,8 @@ def _weight_grad_kernel(a_ptr, b_ptr, out_f32_ptr, rowsum_f32_ptr, M, N, K, K_IN
     mask_n = offs_n < N
     a_base = a_ptr + g.to(tl.int64) * s_ag + offs_m[:, None] * s_am
     b_base = b_ptr + g.to(tl.int64) * s_bg + offs_n[None, :] * s_bn
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    rowsum = tl.zeros((BM,), dtype=tl.float32)
+    acc = tl.zeros((BM, BN), dtype=ACC)
+    rowsum = tl.zeros((BM,), dtype=ACC)
     k_start = split * K_PER_SPLIT
     k_stop = tl.minimum(k_start + K_PER_SPLIT, K)
     for k0 in range(k_start, k_stop, BK):
@@ -209,7 +215,7 @@ def _weight_grad_kernel(a_ptr, b_ptr, out_f32_ptr, rowsum_f32_ptr, M, N, K, K_IN
         bt = tl.load(b_base + k_off_b[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a, bt, acc, input_precision=PRECISION)
         if HAS_ROWSUM:
-            rowsum += tl.sum(a.to(tl.float32), axis=1)
+            rowsum += tl.sum(a.to(ACC), axis=1)
     G = tl.num_programs(1)
     out = out_f32_ptr + ((split * G + g).to(tl.int64) * M + offs_m[:, None]) * N + offs_n[None, :]
     tl.store(out, acc, mask=mask_m[:, None] & mask_n[None, :])
@@ -338,8 +344,9 @@ def weight_grad(a: Tensor, b: Tensor, G: int, M: int, N: int, K: int, K_inner: i
     splits = _num_splits(tiles, K, BK, a.device)
     k_per_split = triton.cdiv(triton.cdiv(K, splits), BK) * BK
     splits = triton.cdiv(K, k_per_split)
-    part = torch.empty((splits, G, M, N), device=a.device, dtype=torch.float32)
-    rows = torch.empty((splits, G, M), device=a.device, dtype=torch.float32) if rowsum else _dummy_f32(a.device)
+    acc_dtype = common.stats_dtype(a.dtype)
+    part = torch.empty((splits, G, M, N), device=a.device, dtype=acc_dtype)
+    rows = torch.empty((splits, G, M), device=a.device, dtype=acc_dtype) if rowsum else _dummy_f32(a.device)
     grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN), G, splits)
     _weight_grad_kernel[grid](a, b, part, rows, M, N, K, K_inner, k_per_split, *a_strides, *b_strides,
                               HAS_ROWSUM=rowsum, BM=BM, BN=BN, BK=BK, PRECISION=PRECISION, num_warps=4)

@@ -1,0 +1,209 @@
+"""Squared-ReLU feed-forward (Primer): linear2(relu(linear1(frame_norm(x)))**2) on multichannel linears.
+
+    x (B, C, F, W) -> norm -> linear1 (C -> C1, F -> H, optional depth-wise mix) -> relu^2 -> linear2 (C1 -> C2, H -> F2)
+
+Fusions (kernels live in multichannel_linear.py and frame_norm.py):
+- forward: the frame norm is applied in linear1's prologue: a stats-only pass writes mean/rstd (B, C, W)
+  fp32, and the position-wise kernel normalises each x tile as it loads it (the normalised x never
+  exists in memory). relu^2 is linear1's epilogue (after the depth-wise mix when linear1 has one), so the
+  pre-activation is never stored either; only h = relu(z)^2 is, which linear2's weight gradient needs anyway.
+- backward: relu^2's derivative 2*relu(z) = 2*sqrt(h) is recovered from the saved h, fused into the
+  epilogue of the kernel that produces dh (linear2's dx): no pre-activation is saved or recomputed.
+  The normalised input for linear1's weight gradient is recomputed (one frame-norm pass) rather than saved.
+Saved for backward: x, h, mean, rstd.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ftkernels import _common as common
+from ftkernels import reference
+from ftkernels._compile_gate import Specialization
+from ftkernels.frame_norm import FrameNorm
+from ftkernels.multichannel_linear import MultichannelLinear
+
+# The package re-exports the functions under the module names, so fetch the modules themselves.
+_fn = importlib.import_module("ftkernels.frame_norm")
+_mcl = importlib.import_module("ftkernels.multichannel_linear")
+
+_PARAMS = ("weight1_pw", "weight2_pw", "weight1_dw", "bias1_pw", "bias1_dw", "weight2_dw", "bias2_pw", "bias2_dw",
+           "norm_weight", "norm_bias")
+
+
+def forward(x, w1pw, w2pw, w1dw, b1pw, b1dw, w2dw, b2pw, b2dw, nw, nb, eps: float, norm: bool):
+    """(out, h, mean, rstd); mean/rstd empty when norm is False."""
+    if norm:
+        mean, rstd = _fn.stats(x, eps)
+        gamma, beta = _fn._affine(x, nw, nb)
+        norm_args = (mean, rstd, gamma, beta)
+    else:
+        mean = rstd = x.new_empty(0, dtype=common.stats_dtype(x.dtype))
+        norm_args = None
+    h = _mcl.forward(x, w1pw, w1dw, b1pw, b1dw, activation=_mcl.ACT_SQRELU, norm=norm_args)
+    out = _mcl.forward(h, w2pw, w2dw, b2pw, b2dw)
+    return out, h, mean, rstd
+
+
+def backward(grad, x, h, mean, rstd, w1pw, w2pw, w1dw, b1pw, w2dw, b2pw, nw, nb, has_b1dw, has_b2dw, eps, norm):
+    """Gradients in _PARAMS order after dx: [dx, dw1pw, dw2pw, dw1dw, db1pw, db1dw, dw2dw, db2pw, db2dw, dnw, dnb]."""
+    dz, dw2pw, dw2dw, db2pw, db2dw = _mcl.backward(grad, h, w2pw, w2dw, b2pw, b2pw is not None, has_b2dw,
+                                                   sqrelu_grad_of=h)
+    xn = _fn.forward(x, nw, nb, eps)[0] if norm else x
+    dxn, dw1pw, dw1dw, db1pw, db1dw = _mcl.backward(dz, xn, w1pw, w1dw, b1pw, b1pw is not None, has_b1dw)
+    dnw = dnb = None
+    if norm:
+        dx, dnw, dnb = _fn.backward(dxn, x, nw, mean, rstd)
+    else:
+        dx = dxn
+    return [dx, dw1pw, dw2pw, dw1dw, db1pw, db1dw, dw2dw, db2pw, db2dw, dnw, dnb]
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library registration
+
+
+@torch.library.custom_op("ftkernels::squared_relu_ffn", mutates_args=())
+def _ffn_op(x: Tensor, weight1_pw: Tensor, weight2_pw: Tensor, weight1_dw: Optional[Tensor],
+            bias1_pw: Optional[Tensor], bias1_dw: Optional[Tensor], weight2_dw: Optional[Tensor],
+            bias2_pw: Optional[Tensor], bias2_dw: Optional[Tensor], norm_weight: Optional[Tensor],
+            norm_bias: Optional[Tensor], eps: float, norm: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return forward(x, weight1_pw, weight2_pw, weight1_dw, bias1_pw, bias1_dw, weight2_dw, bias2_pw, bias2_dw,
+                   norm_weight, norm_bias, eps, norm)
+
+
+def _shapes(x, w1pw, w2pw, w1dw, w2dw):
+    B, C, F, W = x.shape
+    C1 = w1dw.shape[0] if w1dw is not None else C
+    C2 = w2dw.shape[0] if w2dw is not None else C1
+    return (B, C1, w1pw.shape[1], W), (B, C2, w2pw.shape[1], W), (B, C, W)
+
+
+@_ffn_op.register_fake
+def _(x, weight1_pw, weight2_pw, weight1_dw, bias1_pw, bias1_dw, weight2_dw, bias2_pw, bias2_dw, norm_weight,
+      norm_bias, eps, norm):
+    h_shape, out_shape, stat_shape = _shapes(x, weight1_pw, weight2_pw, weight1_dw, weight2_dw)
+    stat = x.new_empty(stat_shape if norm else (0,), dtype=common.stats_dtype(x.dtype))
+    return x.new_empty(out_shape), x.new_empty(h_shape), stat, torch.empty_like(stat)
+
+
+@torch.library.custom_op("ftkernels::squared_relu_ffn_backward", mutates_args=())
+def _ffn_backward_op(grad: Tensor, x: Tensor, h: Tensor, mean: Tensor, rstd: Tensor, weight1_pw: Tensor,
+                     weight2_pw: Tensor, weight1_dw: Optional[Tensor], bias1_pw: Optional[Tensor],
+                     weight2_dw: Optional[Tensor], bias2_pw: Optional[Tensor], norm_weight: Optional[Tensor],
+                     norm_bias: Optional[Tensor], has_bias1_dw: bool, has_bias2_dw: bool, eps: float,
+                     norm: bool) -> List[Tensor]:
+    grads = backward(grad, x, h, mean, rstd, weight1_pw, weight2_pw, weight1_dw, bias1_pw, weight2_dw, bias2_pw,
+                     norm_weight, norm_bias, has_bias1_dw, has_bias2_dw, eps, norm)
+    return [g if g is not None else x.new_empty(0) for g in grads]
+
+
+@_ffn_backward_op.register_fake
+def _(grad, x, h, mean, rstd, weight1_pw, weight2_pw, weight1_dw, bias1_pw, weight2_dw, bias2_pw, norm_weight,
+      norm_bias, has_bias1_dw, has_bias2_dw, eps, norm):
+    b1dw = weight1_dw[:, 0] if weight1_dw is not None and has_bias1_dw else None
+    b2dw = weight2_dw[:, 0] if weight2_dw is not None and has_bias2_dw else None
+    C, F = x.shape[1], x.shape[2]
+    nw = x.new_empty((C, F)) if norm else None
+    like = (x, weight1_pw, weight2_pw, weight1_dw, bias1_pw, b1dw, weight2_dw, bias2_pw, b2dw, nw, nw)
+    return [torch.empty_like(t) if t is not None else x.new_empty(0) for t in like]
+
+
+def _setup_context(ctx, inputs, output):
+    x, w1pw, w2pw, w1dw, b1pw, b1dw, w2dw, b2pw, b2dw, nw, nb, eps, norm = inputs
+    _, h, mean, rstd = output
+    ctx.save_for_backward(x, h, mean, rstd, w1pw, w2pw, w1dw, b1pw, w2dw, b2pw, nw, nb)
+    ctx.present = [t is not None for t in (x, w1pw, w2pw, w1dw, b1pw, b1dw, w2dw, b2pw, b2dw)]
+    ctx.present += [norm and nw is not None, norm and nb is not None]
+    ctx.eps, ctx.norm = eps, norm
+    ctx.mark_non_differentiable(h, mean, rstd)
+
+
+def _backward(ctx, grad, _dh, _dmean, _drstd):
+    x, h, mean, rstd, w1pw, w2pw, w1dw, b1pw, w2dw, b2pw, nw, nb = ctx.saved_tensors
+    grads = _ffn_backward_op(grad, x, h, mean, rstd, w1pw, w2pw, w1dw, b1pw, w2dw, b2pw, nw, nb,
+                             ctx.present[5], ctx.present[8], ctx.eps, ctx.norm)
+    return tuple(g if p else None for g, p in zip(grads, ctx.present)) + (None, None)
+
+
+_ffn_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+
+
+def squared_relu_ffn(x: Tensor, weight1_pw: Tensor, weight2_pw: Tensor, weight1_dw: Optional[Tensor] = None,
+                     bias1_pw: Optional[Tensor] = None, bias1_dw: Optional[Tensor] = None,
+                     weight2_dw: Optional[Tensor] = None, bias2_pw: Optional[Tensor] = None,
+                     bias2_dw: Optional[Tensor] = None, norm_weight: Optional[Tensor] = None,
+                     norm_bias: Optional[Tensor] = None, eps: float = 1e-5, norm: bool = True,
+                     backend: Optional[str] = None) -> Tensor:
+    """linear2(relu(linear1(frame_norm(x)))**2). x (B, C, F, W) -> (B, C2, F2, W).
+
+    linear1: weight1_pw (C, H, F), bias1_pw (C, H), weight1_dw (C1, C), bias1_dw (C1,)
+    linear2: weight2_pw (C1, F2, H), bias2_pw (C1, F2), weight2_dw (C2, C1), bias2_dw (C2,)
+    norm: norm_weight, norm_bias (C, F), eps; skipped with ``norm=False``.
+    """
+    params = common.autocast_inputs(x, weight1_pw, weight2_pw, weight1_dw, bias1_pw, bias1_dw, weight2_dw, bias2_pw,
+                                    bias2_dw, norm_weight, norm_bias)
+    x, w1pw, w2pw, w1dw, b1pw, b1dw, w2dw, b2pw, b2dw, nw, nb = params
+    if w1pw is None or w2pw is None:
+        raise ValueError("squared_relu_ffn needs weight1_pw (C, H, F) and weight2_pw (C1, F2, H)")
+    _mcl.check_inputs(x, w1pw, w1dw, b1pw, b1dw)
+    C1 = w1dw.shape[0] if w1dw is not None else x.shape[1]
+    common.check_tensor(w2pw, "weight2_pw", 3, "(C1, F2, H)")
+    common.check_shape(w2pw, "weight2_pw", (C1, w2pw.shape[1], w1pw.shape[1]), "(C1, F2, H)")
+    common.check_shape(b2pw, "bias2_pw", (C1, w2pw.shape[1]), "(C1, F2)")
+    if w2dw is not None:
+        common.check_tensor(w2dw, "weight2_dw", 2, "(C2, C1)")
+        common.check_shape(w2dw, "weight2_dw", (w2dw.shape[0], C1), "(C2, C1)")
+        common.check_shape(b2dw, "bias2_dw", (w2dw.shape[0],), "(C2,)")
+    elif b2dw is not None:
+        raise ValueError("bias2_dw given without weight2_dw")
+    if norm:
+        _fn.check_inputs(x, nw, nb, eps)
+    common.check_same(x, dict(zip(_PARAMS, (w1pw, w2pw, w1dw, b1pw, b1dw, w2dw, b2pw, b2dw, nw, nb))))
+    if not common.use_triton(x, backend):
+        return reference.squared_relu_ffn(x, w1pw, w2pw, w1dw, b1pw, b1dw, w2dw, b2pw, b2dw, nw, nb, eps, norm)
+    common.kernel_dtype_ok(x)
+    return _ffn_op(x, w1pw, w2pw, w1dw, b1pw, b1dw, w2dw, b2pw, b2dw, nw, nb, float(eps), bool(norm))[0]
+
+
+class SquaredReLUFeedForward(nn.Module):
+    """Pre-norm squared-ReLU feed-forward on multichannel linears.
+
+    (B, channels, features, W) -> (B, out_channels, out_features, W); hidden = int(features * expansion).
+    linear1 = MultichannelLinear(channels, out_channels, features, hidden, depthwise=depthwise),
+    linear2 = MultichannelLinear(out_channels, out_channels, hidden, out_features).
+    """
+
+    def __init__(self, channels: int, features: int, expansion: float = 4, out_channels: Optional[int] = None,
+                 out_features: Optional[int] = None, depthwise: bool = True, bias: bool = False, norm: bool = True,
+                 eps: float = 1e-5, backend: Optional[str] = None):
+        super().__init__()
+        out_channels = out_channels or channels
+        out_features = out_features or features
+        hidden = int(features * expansion)
+        self.backend = backend
+        self.norm = FrameNorm(channels, features, eps, backend=backend) if norm else None
+        self.linear1 = MultichannelLinear(channels, out_channels, features, hidden, depthwise=depthwise, bias=bias,
+                                          backend=backend)
+        self.linear2 = MultichannelLinear(out_channels, out_channels, hidden, out_features, bias=bias,
+                                          backend=backend)
+
+    def forward(self, x: Tensor) -> Tensor:
+        l1, l2, n = self.linear1, self.linear2, self.norm
+        return squared_relu_ffn(x, l1.weight_pw, l2.weight_pw, l1.weight_dw, l1.bias_pw, l1.bias_dw, l2.weight_dw,
+                                l2.bias_pw, l2.bias_dw, n.weight if n is not None else None,
+                                n.bias if n is not None else None, n.eps if n is not None else 1e-5,
+                                norm=n is not None, backend=self.backend)
+
+
+def compile_specializations() -> List[Specialization]:
+    """The feed-forward launches only multichannel-linear and frame-norm kernels; their gates list every
+    variant it uses (norm prologue, squared-ReLU epilogue, 2*sqrt(h) epilogue, stats-only norm pass)."""
+    return []
