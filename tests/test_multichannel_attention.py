@@ -1,0 +1,238 @@
+"""Multichannel attention: Triton kernels (the CPU interpreter here, real kernels on CUDA) vs the reference."""
+import math
+
+import pytest
+import torch
+
+from ftkernels import reference
+from ftkernels.multichannel_attention import (MultichannelMultiheadAttention, _mca_op, compile_specializations,
+                                              multichannel_attention)
+
+HAS_CUDA = torch.cuda.is_available()
+DEV = "cuda" if HAS_CUDA else "cpu"
+
+
+def _qkv(B, C, F, wq, wk, dtype=torch.float64, device=DEV, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda w: torch.randn(B, C, F, w, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)  # noqa
+    return mk(wq), mk(wk), mk(wk)
+
+
+def _check(q, k, v, H, rotary, scale=None, atol=1e-9, rtol=1e-7, grads=True):
+    qs, ks, vs = (t.detach().clone().requires_grad_(grads) for t in (q, k, v))
+    qr, kr, vr = (t.detach().clone().requires_grad_(grads) for t in (q, k, v))
+    out = multichannel_attention(qs, ks, vs, H, scale=scale, rotary=rotary, backend="triton")
+    ref = reference.multichannel_attention(qr, kr, vr, H, scale=scale, rotary=rotary)
+    assert out.shape == ref.shape and out.dtype == q.dtype
+    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
+    if grads:
+        g = torch.randn_like(ref)
+        got = torch.autograd.grad(out, (qs, ks, vs), g)
+        want = torch.autograd.grad(ref, (qr, kr, vr), g)
+        for name, a, b in zip("qkv", got, want):
+            torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m: f"d{name}: {m}")
+
+
+# (B, C, H, d, Wq, Wk, rotary): head dims 4..128 (BLOCK_D 16, 32, 64, 128), frame counts 1, 7, 33, 130,
+# memory attention (Wq != Wk), rotary on and off, odd head dim without rotary
+CASES = [
+    (1, 2, 2, 4, 7, 7, True),
+    (1, 1, 2, 8, 33, 33, True),
+    (2, 1, 1, 16, 1, 1, True),
+    (1, 1, 1, 16, 1, 130, True),
+    (1, 1, 2, 24, 130, 33, True),
+    (1, 1, 1, 24, 33, 7, False),
+    (1, 1, 1, 64, 130, 130, True),
+    (1, 1, 1, 64, 7, 33, False),
+    (1, 1, 1, 128, 33, 70, True),
+    (1, 1, 3, 5, 7, 33, False),
+]
+
+
+@pytest.mark.parametrize("B,C,H,d,wq,wk,rotary", CASES)
+def test_matches_reference_fp64(B, C, H, d, wq, wk, rotary):
+    q, k, v = _qkv(B, C, H * d, wq, wk, device=DEV if not HAS_CUDA else "cpu")
+    if HAS_CUDA:  # fp64 is an interpreter-only oracle dtype; on CUDA compare fp32 kernels instead
+        q, k, v = (t.to(DEV, torch.float32) for t in (q, k, v))
+        _check(q, k, v, H, rotary, atol=2e-4, rtol=1e-3)
+    else:
+        _check(q, k, v, H, rotary)
+
+
+def test_fp32_and_custom_scale():
+    q, k, v = _qkv(1, 2, 32, 33, 20, dtype=torch.float32)
+    _check(q, k, v, 2, True, scale=1 / math.sqrt(32), atol=1e-5, rtol=1e-4)
+
+
+def test_self_attention_same_tensor():
+    x, _, _ = _qkv(1, 2, 16, 33, 33)
+    if not HAS_CUDA:
+        _check(x, x, x, 2, True)
+    # one tensor as q, k and v: gradients accumulate through all three uses
+    xa = x.detach().clone().requires_grad_()
+    xb = x.detach().clone().requires_grad_()
+    multichannel_attention(xa, xa, xa, 2, backend="triton").square().sum().backward()
+    reference.multichannel_attention(xb, xb, xb, 2).square().sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, atol=1e-4 if HAS_CUDA else 1e-9, rtol=1e-4 if HAS_CUDA else 1e-7)
+
+
+def test_non_contiguous_inputs():
+    B, C, F, wq, wk = 2, 3, 16, 33, 20
+    dt = torch.float32 if HAS_CUDA else torch.float64
+    tol = dict(atol=2e-4, rtol=1e-3) if HAS_CUDA else dict(atol=1e-9, rtol=1e-7)
+    g = torch.Generator().manual_seed(1)
+    # q: frames-major storage seen through a transpose (stride 1 along features)
+    q = torch.randn(B, C, wq, F, generator=g, dtype=torch.float64).to(DEV, dt).transpose(2, 3)
+    # k: every other frame of a longer sequence, from a channel slice
+    k = torch.randn(B, C + 2, F, 2 * wk, generator=g, dtype=torch.float64).to(DEV, dt)[:, 1:C + 1, :, ::2]
+    # v: batch/channel permuted storage
+    v = torch.randn(C, B, F, wk, generator=g, dtype=torch.float64).to(DEV, dt).transpose(0, 1)
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    _check(q, k, v, 4, True, **tol)
+
+
+def test_gradcheck():
+    if HAS_CUDA:
+        pytest.skip("float64 gradcheck runs through the interpreter (CPU)")
+    q, k, v = _qkv(1, 1, 8, 5, 3)
+    for rotary in (True, False):
+        args = tuple(t.clone().requires_grad_() for t in (q, k, v))
+        assert torch.autograd.gradcheck(
+            lambda a, b, c: multichannel_attention(a, b, c, 2, rotary=rotary, backend="triton"), args,
+            fast_mode=True)
+
+
+def test_backward_deterministic():
+    q, k, v = _qkv(1, 1, 16, 70, 70, dtype=torch.float32)
+    grads = []
+    for _ in range(2):
+        args = tuple(t.clone().requires_grad_() for t in (q, k, v))
+        out = multichannel_attention(*args, 1, backend="triton")
+        grads.append(torch.autograd.grad(out, args, torch.ones_like(out)))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("d", [4, 16, 64])
+def test_reference_rotary_matches_rotary_embedding_torch(d):
+    rotary_embedding_torch = pytest.importorskip("rotary_embedding_torch")
+    rot = rotary_embedding_torch.RotaryEmbedding(dim=d)
+    t = torch.randn(2, 3, 37, d, dtype=torch.float64)
+    # rotary-embedding-torch keeps its frequencies in float32, hence the float64 tolerance
+    torch.testing.assert_close(reference.apply_rotary(t), rot.rotate_queries_or_keys(t).to(t.dtype),
+                               atol=1e-5, rtol=1e-5)
+    t32 = t.float()
+    torch.testing.assert_close(reference.apply_rotary(t32), rot.rotate_queries_or_keys(t32), atol=1e-4, rtol=1e-4)
+
+
+def test_opcheck():
+    q, k, v = _qkv(1, 2, 8, 5, 7, dtype=torch.float32)
+    args = [t.requires_grad_() for t in (q, k, v)]
+    torch.library.opcheck(_mca_op, (*args, 2, 0.5, True))
+    torch.library.opcheck(_mca_op, (*(t.detach() for t in args), 2, 0.5, False))
+
+
+def _compile(fn):
+    """torch.compile(fullgraph=True); inductor on CPU needs a C++ toolchain, else the aot_eager backend."""
+    compiled = torch.compile(fn, fullgraph=True)
+
+    def run(*args):
+        nonlocal compiled
+        try:
+            return compiled(*args)
+        except Exception as e:
+            if "compiler" not in str(e).lower() and "cpp" not in str(e).lower():
+                raise
+            torch._dynamo.reset()
+            compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+            return compiled(*args)
+    return run
+
+
+def test_module_compile_fullgraph_matches_reference():
+    torch.manual_seed(0)
+    C, H, F = 2, 2, 16
+    mod = MultichannelMultiheadAttention(C, H, F, backend="triton").to(DEV)
+    ref = MultichannelMultiheadAttention(C, H, F, backend="reference").to(DEV)
+    ref.load_state_dict(mod.state_dict())
+    x = torch.randn(1, C, F, 9, device=DEV)
+    mem = torch.randn(1, C, F, 5, device=DEV)
+    compiled = _compile(mod)
+    torch.testing.assert_close(compiled(x), ref(x), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(compiled(x, mem), ref(x, mem), atol=1e-4, rtol=1e-4)
+
+
+def test_op_compile_fullgraph_backward():
+    q, k, v = _qkv(1, 2, 16, 9, 5, dtype=torch.float32)
+    fn = _compile(lambda a, b, c: multichannel_attention(a, b, c, 2, scale=0.25, backend="triton").square().sum())
+    args = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    rargs = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    got = torch.autograd.grad(fn(*args), args)
+    want = torch.autograd.grad(reference.multichannel_attention(*rargs, 2, scale=0.25).square().sum(), rargs)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_module_scale_default_and_auto_backend_cpu():
+    mod = MultichannelMultiheadAttention(2, 4, 16)
+    assert mod.scale == pytest.approx(1 / math.sqrt(16))
+    q, k, v = _qkv(1, 2, 16, 5, 6, device="cpu")
+    # CPU + auto: the reference
+    torch.testing.assert_close(multichannel_attention(q, k, v, 4), reference.multichannel_attention(q, k, v, 4),
+                               atol=0, rtol=0)
+    out = mod(torch.randn(1, 2, 16, 5), torch.randn(1, 2, 16, 8))
+    assert out.shape == (1, 2, 16, 5)
+
+
+def test_bad_inputs():
+    q, k, v = _qkv(1, 2, 8, 5, 6, device="cpu")
+    with pytest.raises(ValueError, match="q"):
+        multichannel_attention(q[0], k, v, 2)
+    with pytest.raises(TypeError, match="k"):
+        multichannel_attention(q, k.numpy(), v, 2)
+    with pytest.raises(ValueError, match="num_heads"):
+        multichannel_attention(q, k, v, 3)
+    with pytest.raises(ValueError, match="num_heads"):
+        multichannel_attention(q, k, v, 0)
+    with pytest.raises(TypeError, match="num_heads"):
+        multichannel_attention(q, k, v, 2.0)
+    with pytest.raises(ValueError, match="rotary"):
+        multichannel_attention(q, k, v, 8)  # head dim 1: odd
+    with pytest.raises(ValueError, match="^k"):
+        multichannel_attention(q, k[:, :1], v[:, :1], 2)
+    with pytest.raises(ValueError, match="^v"):
+        multichannel_attention(q, k, v[..., :3], 2)
+    with pytest.raises(ValueError, match="^v"):
+        multichannel_attention(q, k, v[:, :, :4], 2)
+    with pytest.raises(TypeError, match="^v"):
+        multichannel_attention(q, k, v.float(), 2)
+    with pytest.raises(TypeError, match="scale"):
+        multichannel_attention(q, k, v, 2, scale="big")
+    with pytest.raises(ValueError, match="q"):
+        multichannel_attention(q[..., :0], k, v, 2)
+    if HAS_CUDA:
+        with pytest.raises(ValueError, match="^k"):
+            multichannel_attention(q.cuda(), k, v.cuda(), 2)
+    else:
+        with pytest.raises(ValueError, match="^k"):
+            multichannel_attention(q, k.to("meta"), v, 2)
+    with pytest.raises(ValueError, match="num_heads"):
+        MultichannelMultiheadAttention(2, 3, 16)
+
+
+def test_compile_specializations_cover_dispatch():
+    specs = compile_specializations()
+    got = {(s.kernel_name, s.dtype, dict(s.constexprs)["BLOCK_D"], dict(s.constexprs)["ROTARY"]) for s in specs}
+    for kernel in ("_mca_fwd_kernel", "_mca_bwd_dkdv_kernel", "_mca_bwd_dq_kernel"):
+        for dt in ("fp32", "fp16", "bf16"):
+            for bd in (16, 32, 64, 128):
+                for rot in (False, True):
+                    assert (kernel, dt, bd, rot) in got
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [4, 64, 128])
+def test_half_precision_cuda(dtype, d):
+    q, k, v = _qkv(2, 2, 2 * d, 130, 77, dtype=dtype)
+    _check(q, k, v, 2, True, atol=3e-2, rtol=3e-2)
