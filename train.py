@@ -394,6 +394,19 @@ class Trainer:
                            f"(last at step {self.step}); lower --lr, check the data, or resume from an earlier checkpoint")
         return result
 
+    def check_replicas(self) -> List[float]:
+        """All-gather a checksum of every replica's weights; they must agree (DDP keeps replicas identical)."""
+        flat = torch.cat([p.detach().double().flatten() for p in self.model.parameters()])
+        weights = torch.linspace(1.0, 2.0, flat.numel(), dtype=torch.float64, device=flat.device)
+        mine = (flat * weights).sum().reshape(1)
+        got = [torch.zeros_like(mine) for _ in range(self.world)]
+        dist.all_gather(got, mine)
+        sums = [float(g) for g in got]
+        self.log(f"replica weight checksums: {sums}")
+        if any(s != sums[0] for s in sums):
+            raise RuntimeError(f"DDP replicas diverged: weight checksums {sums}")
+        return sums
+
     def run(self):
         a = self.args
         self.model_cfg = model_config(a)
@@ -476,6 +489,7 @@ class Trainer:
                 dist.barrier()
         self.save()
         if self.distributed:
+            self.check_replicas()
             dist.barrier()
         if self.main and self.history:
             first, last = self.history[0], self.history[-1]
