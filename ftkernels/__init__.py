@@ -6,6 +6,7 @@ CUDA tensors run the Triton kernels, everything else the reference (see :func:`s
 """
 from ftkernels._common import get_backend, set_backend
 from ftkernels.frame_norm import FrameNorm, frame_norm
+from ftkernels.multichannel_attention import MultichannelMultiheadAttention, multichannel_attention
 from ftkernels.multichannel_linear import MultichannelLinear, multichannel_linear
 from ftkernels.squared_relu_ffn import SquaredReLUFeedForward, squared_relu_ffn
 from ftkernels import reference
@@ -15,5 +16,6 @@ __all__ = [
     "multichannel_linear", "MultichannelLinear",
     "frame_norm", "FrameNorm",
     "squared_relu_ffn", "SquaredReLUFeedForward",
+    "multichannel_attention", "MultichannelMultiheadAttention",
 ]
 __version__ = "0.1.0"

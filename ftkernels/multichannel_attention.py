@@ -78,7 +78,7 @@ def _blocks(block_d: int, kernel: str = "fwd") -> Tuple[int, int, int, int]:
 @triton.jit
 def _inv_freq(two_i, d, dt: tl.constexpr):
     """theta^(-2i/d), theta = 10000, in fp32 (fp64 when dt is fp64)."""
-    zero = tl.zeros([1], dtype=dt)
+    zero = tl.zeros([1], dtype=tl.float32) + tl.zeros([1], dtype=dt)  # fp32, or fp64 for fp64
     lt = tl.log2(zero + 10000.0)
     return tl.exp2((two_i.to(tl.float32) + zero[:, None]) * (-lt[:, None]) / d)
 

@@ -64,6 +64,12 @@ def test_fp32_and_custom_scale():
     _check(q, k, v, 2, True, scale=1 / math.sqrt(32), atol=1e-5, rtol=1e-4)
 
 
+def test_fp16_interpreter():
+    # fp16 through the kernels' half-precision paths (rotation math in fp32, P cast to fp16 for P @ V)
+    q, k, v = _qkv(1, 1, 32, 33, 20, dtype=torch.float16)
+    _check(q, k, v, 2, True, atol=5e-3, rtol=5e-3)
+
+
 def test_self_attention_same_tensor():
     x, _, _ = _qkv(1, 2, 16, 33, 33)
     if not HAS_CUDA:
