@@ -25,6 +25,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from typing import List, Optional
 
 import numpy as np
@@ -386,7 +387,9 @@ class Trainer:
             self.log(f"\nwarning: non-finite loss/gradient at step {self.step + 1}; step skipped "
                      f"({self.nan_run} in a row, {self.nan_total} total)")
             result = None
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped first step makes torch warn about the call order
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.scheduler.step()
         self.step += 1
         if self.nan_run >= a.max_nan:
             self.save()

@@ -127,7 +127,6 @@ class VoxAugDataset(Dataset):
         self.p_silent_channel, self.p_no_vocal = p_silent_channel, p_no_vocal
         self.epoch = 0
         self._frames: Dict[str, int] = {}
-        self.bad: set = set()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)

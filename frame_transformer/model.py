@@ -50,6 +50,7 @@ class ModelConfig:
     channel_mults: List[int] = dataclasses.field(default_factory=lambda: [1, 2, 4, 6, 8, 10])
     num_levels: Optional[int] = None  # default: len(num_attention_maps)
     dropout: float = 0.1
+    block_expansion: Optional[float] = 1  # hidden features of the encoder/decoder residual blocks (None: expansion)
 
     def levels(self) -> int:
         return self.num_levels or len(self.num_attention_maps)
@@ -63,10 +64,10 @@ PRESETS = {
     "default": ModelConfig(),
     # fast on CPU: n_fft 256 -> 128 bins, 4 levels (128, 64, 32, 16 features)
     "tiny": ModelConfig(channels=4, n_fft=256, num_heads=2, expansion=2, num_attention_maps=[2, 2, 4, 4],
-                        channel_mults=[1, 2, 3, 4], dropout=0.0),
+                        channel_mults=[1, 2, 3, 4], dropout=0.0, block_expansion=2),
     # for the interpreter equivalence test: n_fft 64 -> 32 bins, 3 levels
     "micro": ModelConfig(channels=2, n_fft=64, num_heads=2, expansion=2, num_attention_maps=[1, 2, 2],
-                         channel_mults=[1, 2, 2], dropout=0.0),
+                         channel_mults=[1, 2, 2], dropout=0.0, block_expansion=2),
 }
 
 
@@ -191,7 +192,7 @@ class FrameTransformer(nn.Module):
             if f % c.num_heads:
                 raise ValueError(f"num_heads={c.num_heads} must divide every level's features {feats}")
         self.features, self.level_channels, self.maps = feats, chans, maps
-        kw = dict(expansion=c.expansion, backend=backend)
+        kw = dict(expansion=c.block_expansion if c.block_expansion is not None else c.expansion, backend=backend)
         tkw = dict(num_heads=c.num_heads, expansion=c.expansion, dropout=c.dropout, backend=backend)
 
         self.encoders = nn.ModuleList()
