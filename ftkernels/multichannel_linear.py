@@ -246,19 +246,16 @@ def _zeros(x: Tensor, *shape) -> Tensor:
     return torch.zeros(shape, device=x.device, dtype=x.dtype)
 
 
-def _pw_blocks(M: int) -> Tuple[int, int, int]:
-    """(BM, BN, BK) for the position-wise GEMM: M = F_out (16/32/64 rows), N = frames, K = F_in."""
-    return common.dot_block(M, 16, 64), 64, 32
+# Few block configs on purpose: every one is a specialization the compile gate builds for 2 archs x 3 dtypes.
+def _gemm_blocks(M: int) -> Tuple[int, int, int]:
+    """(BM, BN, BK) for the position-wise (M = F_out, N = frames, K = F_in) and channel-mix
+    (M = C_out, N = F * W, K = C_in) GEMMs: 16 rows for tiny M, else 64."""
+    return (16 if M <= 16 else 64), 64, 32
 
 
 def _mix_blocks(C_out: int) -> Tuple[int, int, int, int]:
-    """(BO, BM, BN, BK) for the fused kernel: the (BO, BM, BN) fp32 accumulator stays <= 8K elements."""
-    bo = common.next_pow2(C_out)
-    return bo, 32, max(16, 256 // bo), 32
-
-
-def _cm_blocks(M: int) -> Tuple[int, int, int]:
-    return common.dot_block(M, 16, 64), 64, 32
+    """(BO, BM, BN, BK) for the fused kernel: the (BO, BM, BN) fp32 accumulator stays at 8K elements."""
+    return (4, 32, 64, 32) if C_out <= 4 else (8, 32, 32, 32)
 
 
 _WG_BLOCKS = (32, 32, 32)
@@ -275,7 +272,7 @@ def positionwise(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, ou
     B, C, K, N = x.shape
     M = weight.shape[1]
     out = torch.empty((B, C, M, N), device=x.device, dtype=out_dtype or x.dtype)
-    BM, BN, BK = _pw_blocks(M)
+    BM, BN, BK = _gemm_blocks(M)
     dummy = _dummy_f32(x.device)
     mean, rstd, gamma, beta = norm if norm is not None else (dummy, dummy, x, x)
     mul = sqrelu_grad_of if sqrelu_grad_of is not None else out
@@ -320,7 +317,7 @@ def channel_mix(y: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, act
     B, K, F, W = y.shape
     M = weight.shape[0]
     out = torch.empty((B, M, F, W), device=y.device, dtype=y.dtype)
-    BM, BN, BK = _cm_blocks(M)
+    BM, BN, BK = _gemm_blocks(M)
     mul = sqrelu_grad_of if sqrelu_grad_of is not None else out
     grid = (triton.cdiv(M, BM) * triton.cdiv(F * W, BN), 1, B)
     _channel_mix_kernel[grid](
@@ -390,6 +387,8 @@ def backward(grad: Tensor, x: Tensor, weight_pw: Optional[Tensor], weight_dw: Op
         d_wdw, d_bdw = weight_grad(grad, y, 1, C_out, C_in, B * F_out * W, F_out * W,
                                    (0, grad.stride(1), grad.stride(0), 1), (0, y.stride(1), y.stride(0), 1),
                                    has_bias_dw, weight_dw.dtype)
+        d_wdw = d_wdw[0]
+        d_bdw = d_bdw[0] if d_bdw is not None else None
         dy = channel_mix(grad, weight_dw.t(),
                          sqrelu_grad_of=sqrelu_grad_of if weight_pw is None else None) if (
             need_dx or weight_pw is not None) else None
@@ -462,27 +461,29 @@ _mcl_op.register_autograd(_mcl_backward, setup_context=_mcl_setup_context)
 # public API
 
 
-def check_inputs(x, weight_pw, weight_dw, bias_pw, bias_dw, x_name: str = "x") -> None:
+def check_inputs(x, weight_pw, weight_dw, bias_pw, bias_dw, x_name: str = "x",
+                 names: Tuple[str, str, str, str] = ("weight_pw", "weight_dw", "bias_pw", "bias_dw")) -> None:
+    """Validate a multichannel linear's inputs; ``names`` are the argument names used in messages."""
+    n_wpw, n_wdw, n_bpw, n_bdw = names
     common.check_tensor(x, x_name, 4, "(B, C_in, F_in, W)")
     common.check_nonempty(x, x_name, "(B, C_in, F_in, W)")
     B, C, F, W = x.shape
     if weight_pw is None and weight_dw is None:
-        raise ValueError("multichannel_linear needs weight_pw (C_in, F_out, F_in) or weight_dw (C_out, C_in)")
-    F_out = F
+        raise ValueError(f"multichannel linear needs {n_wpw} (C_in, F_out, F_in) or {n_wdw} (C_out, C_in)")
     if weight_pw is not None:
-        common.check_tensor(weight_pw, "weight_pw", 3, "(C_in, F_out, F_in)")
+        common.check_tensor(weight_pw, n_wpw, 3, "(C_in, F_out, F_in)")
         F_out = weight_pw.shape[1]
-        common.check_shape(weight_pw, "weight_pw", (C, F_out, F), "(C_in, F_out, F_in)")
-        common.check_shape(bias_pw, "bias_pw", (C, F_out), "(C_in, F_out)")
+        common.check_shape(weight_pw, n_wpw, (C, F_out, F), "(C_in, F_out, F_in)")
+        common.check_shape(bias_pw, n_bpw, (C, F_out), "(C_in, F_out)")
     elif bias_pw is not None:
-        raise ValueError("bias_pw given without weight_pw")
+        raise ValueError(f"{n_bpw} given without {n_wpw}")
     if weight_dw is not None:
-        common.check_tensor(weight_dw, "weight_dw", 2, "(C_out, C_in)")
-        common.check_shape(weight_dw, "weight_dw", (weight_dw.shape[0], C), "(C_out, C_in)")
-        common.check_shape(bias_dw, "bias_dw", (weight_dw.shape[0],), "(C_out,)")
+        common.check_tensor(weight_dw, n_wdw, 2, "(C_out, C_in)")
+        common.check_shape(weight_dw, n_wdw, (weight_dw.shape[0], C), "(C_out, C_in)")
+        common.check_shape(bias_dw, n_bdw, (weight_dw.shape[0],), "(C_out,)")
     elif bias_dw is not None:
-        raise ValueError("bias_dw given without weight_dw")
-    common.check_same(x, {"weight_pw": weight_pw, "weight_dw": weight_dw, "bias_pw": bias_pw, "bias_dw": bias_dw})
+        raise ValueError(f"{n_bdw} given without {n_wdw}")
+    common.check_same(x, dict(zip(names, (weight_pw, weight_dw, bias_pw, bias_dw))))
 
 
 def multichannel_linear(x: Tensor, weight_pw: Optional[Tensor] = None, weight_dw: Optional[Tensor] = None,
@@ -550,14 +551,14 @@ def compile_specializations() -> List[Specialization]:
     pw_flags = [(False, ACT_NONE, False), (True, ACT_NONE, False), (False, ACT_SQRELU, False),
                 (True, ACT_SQRELU, False), (False, ACT_NONE, True)]
     for dt in ("fp32", "fp16", "bf16"):
-        for BM in (16, 32, 64):
+        for BM in (16, 64):
             for norm, act, mul in pw_flags:
                 out.append(spec(mod, "_positionwise_kernel", dt, dict(
                     HAS_NORM=norm, ACTIVATION=act, MUL_SQRELU_GRAD=mul, BM=BM, BN=64, BK=32, PRECISION=PRECISION)))
             for act, mul in ((ACT_NONE, False), (ACT_SQRELU, False), (ACT_NONE, True)):
                 out.append(spec(mod, "_channel_mix_kernel", dt, dict(
                     ACTIVATION=act, MUL_SQRELU_GRAD=mul, BM=BM, BN=64, BK=32, PRECISION=PRECISION)))
-        for C_out in (1, 2, 4, 8):
+        for C_out in (4, 8):
             BO, BM, BN, BK = _mix_blocks(C_out)
             for norm in (False, True):
                 for act in (ACT_NONE, ACT_SQRELU):

@@ -41,7 +41,7 @@ def forward(x, w1pw, w2pw, w1dw, b1pw, b1dw, w2dw, b2pw, b2dw, nw, nb, eps: floa
         gamma, beta = _fn._affine(x, nw, nb)
         norm_args = (mean, rstd, gamma, beta)
     else:
-        mean = rstd = x.new_empty(0, dtype=common.stats_dtype(x.dtype))
+        mean, rstd = (x.new_empty(0, dtype=common.stats_dtype(x.dtype)) for _ in range(2))
         norm_args = None
     h = _mcl.forward(x, w1pw, w1dw, b1pw, b1dw, activation=_mcl.ACT_SQRELU, norm=norm_args)
     out = _mcl.forward(h, w2pw, w2dw, b2pw, b2dw)
@@ -153,7 +153,7 @@ def squared_relu_ffn(x: Tensor, weight1_pw: Tensor, weight2_pw: Tensor, weight1_
     x, w1pw, w2pw, w1dw, b1pw, b1dw, w2dw, b2pw, b2dw, nw, nb = params
     if w1pw is None or w2pw is None:
         raise ValueError("squared_relu_ffn needs weight1_pw (C, H, F) and weight2_pw (C1, F2, H)")
-    _mcl.check_inputs(x, w1pw, w1dw, b1pw, b1dw)
+    _mcl.check_inputs(x, w1pw, w1dw, b1pw, b1dw, names=("weight1_pw", "weight1_dw", "bias1_pw", "bias1_dw"))
     C1 = w1dw.shape[0] if w1dw is not None else x.shape[1]
     common.check_tensor(w2pw, "weight2_pw", 3, "(C1, F2, H)")
     common.check_shape(w2pw, "weight2_pw", (C1, w2pw.shape[1], w1pw.shape[1]), "(C1, F2, H)")

@@ -1,0 +1,107 @@
+"""squared_relu_ffn: the fused feed-forward (norm prologue, relu^2 epilogue, 2*sqrt(h) backward) vs reference."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ftkernels
+from ftkernels import reference
+from helpers import KERNEL_DEVICE, assert_close_all, assert_low_precision_ok, grads, rand, requires_cuda
+
+
+def make(B, C, F, W, H, C1=None, C2=None, F2=None, dw1=True, dw2=False, bias=True, norm=True, dtype=torch.float64,
+         device=KERNEL_DEVICE, noncontig=False):
+    C1 = C1 or C
+    C2 = C2 or C1
+    F2 = F2 or F
+    x = rand(B, C, F, W, dtype=dtype, device=device, noncontig=noncontig)
+    r = lambda *s, scale=1.0: rand(*s, dtype=dtype, device=device, scale=scale)  # noqa: E731
+    p = dict(weight1_pw=r(C, H, F, scale=F ** -0.5), weight2_pw=r(C1, F2, H, scale=H ** -0.5),
+             weight1_dw=r(C1, C, scale=C ** -0.5) if dw1 else None,
+             bias1_pw=r(C, H) if bias else None, bias1_dw=r(C1) if bias and dw1 else None,
+             weight2_dw=r(C2, C1, scale=C1 ** -0.5) if dw2 else None,
+             bias2_pw=r(C1, F2) if bias else None, bias2_dw=r(C2) if bias and dw2 else None,
+             norm_weight=r(C, F) if norm else None, norm_bias=r(C, F) if norm else None)
+    return x, p
+
+
+def check(x, p, norm=True, atol=1e-10, rtol=1e-9):
+    out = ftkernels.squared_relu_ffn(x, **p, norm=norm, backend="triton")
+    ref = reference.squared_relu_ffn(x, **p, norm=norm)
+    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
+    g = torch.randn_like(ref)
+    names = ["x"] + [k for k, v in p.items() if v is not None]
+    inputs = [x] + [v for v in p.values() if v is not None]
+    assert_close_all(grads(out, inputs, g), grads(ref, inputs, g), atol, rtol, names)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(B=2, C=3, F=6, W=9, H=12),                                  # fused norm + fused mix (C1 <= 8) + relu^2
+    dict(B=1, C=3, F=5, W=11, H=7, C1=10, noncontig=True),           # two-pass linear1 (C1 > 8)
+    dict(B=2, C=2, F=7, W=5, H=14, dw1=False, bias=False),           # position-wise only
+    dict(B=1, C=4, F=5, W=3, H=10, dw2=True, C2=3, F2=4),            # linear2 with a channel mix, new F
+    dict(B=1, C=2, F=9, W=66, H=17, norm=False),                     # no norm
+    dict(B=1, C=1, F=1, W=1, H=16),                                  # degenerate sizes
+])
+def test_matches_reference_float64(kw):
+    norm = kw.get("norm", True)
+    check(*make(**kw), norm=norm)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(B=st.integers(1, 2), C=st.integers(1, 4), F=st.integers(1, 24), W=st.integers(1, 40), k=st.integers(1, 4),
+       C1=st.integers(1, 11), dw1=st.booleans(), dw2=st.booleans(), bias=st.booleans(), norm=st.booleans())
+def test_property_shapes(B, C, F, W, k, C1, dw1, dw2, bias, norm):
+    C1 = C1 if dw1 else C
+    check(*make(B, C, F, W, H=k * F, C1=C1, dw1=dw1, dw2=dw2, bias=bias, norm=norm), norm=norm)
+
+
+def test_gradcheck_through_kernel():
+    x, p = make(1, 2, 3, 4, H=6)
+    names = list(p)
+
+    def fn(x, *vals):
+        return ftkernels.squared_relu_ffn(x, **dict(zip(names, vals)), backend="triton")
+
+    assert torch.autograd.gradcheck(fn, (x, *p.values()), atol=1e-6)
+
+
+def test_module_matches_composed_modules():
+    torch.manual_seed(0)
+    m = ftkernels.SquaredReLUFeedForward(3, 8, expansion=2, bias=True).double().to(KERNEL_DEVICE)
+    x = rand(2, 3, 8, 5)
+    m.backend = "triton"
+    out = m(x)
+    composed = m.linear2(ftkernels.reference.squared_relu(m.linear1(m.norm(x))))
+    torch.testing.assert_close(out, composed)
+    assert m.linear1.weight_dw is not None and m.linear1.weight_pw.shape == (3, 16, 8)
+
+
+def test_bad_input_names_the_argument():
+    x, p = make(1, 2, 4, 3, H=8, dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match=r"weight2_pw must have shape \(C1, F2, H\)"):
+        ftkernels.squared_relu_ffn(x, **{**p, "weight2_pw": p["weight2_pw"][:, :, :-1]})
+    with pytest.raises(ValueError, match=r"norm_weight|weight must have shape \(C, F\)"):
+        ftkernels.squared_relu_ffn(x, **{**p, "norm_weight": p["norm_weight"][:, :-1]})
+    with pytest.raises(TypeError, match=r"bias1_pw has dtype"):
+        ftkernels.squared_relu_ffn(x, **{**p, "bias1_pw": p["bias1_pw"].double()})
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("C1", [4, 16])
+def test_gpu_low_precision_tolerance_rule(dtype, C1):
+    torch.manual_seed(0)
+    x, p = make(2, 4, 256, 256, H=512, C1=C1, dtype=dtype, device="cuda")
+    out = ftkernels.squared_relu_ffn(x, **p, backend="triton")
+    low = reference.squared_relu_ffn(x, **p)
+    x64 = x.detach().double().requires_grad_()
+    p64 = {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in p.items()}
+    ref64 = reference.squared_relu_ffn(x64, **p64)
+    assert_low_precision_ok(out, low, ref64, f"forward {dtype}")
+    g = torch.randn_like(ref64)
+    names = ["x"] + [k for k, v in p.items() if v is not None]
+    ins = [x] + [v for v in p.values() if v is not None]
+    ins64 = [x64] + [v for v in p64.values() if v is not None]
+    for n, a, l, r in zip(names, grads(out, ins, g.to(dtype)), grads(low, ins, g.to(dtype)), grads(ref64, ins64, g)):
+        assert_low_precision_ok(a, l, r, f"d{n} {dtype}", floor=1e-3)
