@@ -29,6 +29,7 @@ no (B, C_in, F_out, W) activation kept alive).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import List, Optional, Tuple
 
@@ -328,9 +329,14 @@ def channel_mix(y: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, act
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+
+
 def _num_splits(tiles: int, K: int, BK: int, device) -> int:
-    target = 4 * (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2)
-    return max(1, min(triton.cdiv(K, 4 * BK), triton.cdiv(target, max(tiles, 1))))
+    """Split-K factor for the weight gradients: about 4 programs per SM, each at least 4 K-blocks long."""
+    return max(1, min(triton.cdiv(K, 4 * BK), triton.cdiv(4 * _num_sms(device), max(tiles, 1))))
 
 
 def weight_grad(a: Tensor, b: Tensor, G: int, M: int, N: int, K: int, K_inner: int, a_strides, b_strides,
