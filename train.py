@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume from OUT/checkpoint.pt (or the given checkpoint)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default=None)
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--stop-after-steps", type=int, default=None,
                    help="stop (and checkpoint) once this many optimizer steps are done (the schedule is unchanged)")
     g.add_argument("--no-initial-val", action="store_true", help="skip validating the untrained model")
@@ -516,11 +517,14 @@ def main(argv=None):
         path = os.path.join(args.out, CHECKPOINT) if args.resume == "auto" else args.resume
         if os.path.exists(path):
             saved = torch.load(path, map_location="cpu", weights_only=False)["config"]["args"]
-            keep = {"resume", "stop_after_steps", "no_progress", "workers", "device", "inject_nan_at", "max_nan"}
+            keep = {"resume", "stop_after_steps", "no_progress", "workers", "device", "inject_nan_at", "max_nan",
+                    "threads"}
             for k, v in saved.items():
                 if k not in keep:
                     setattr(args, k, v)
     args = _defaults(args, cuda, synthetic=not (args.instrumentals or args.pairs))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     trainer = Trainer(args)
     try:
         trainer.run()

@@ -141,8 +141,9 @@ def separate_file(model, path: str, out_dir: str, sr: int, n_fft: int, hop: int,
     if bar is not None:
         bar.close()
     if png and pics_mask:
-        _save_png(os.path.join(out_dir, f"{name}_mask.png"), torch.cat(pics_mag, 1).float(),
-                  torch.cat(pics_mask, 1).float(), sr, hop * pool, name)
+        cols = max(1, math.ceil(reader.length / (hop * pool)))  # drop the zero padding after the song
+        _save_png(os.path.join(out_dir, f"{name}_mask.png"), torch.cat(pics_mag, 1)[:, :cols].float(),
+                  torch.cat(pics_mask, 1)[:, :cols].float(), sr, hop * pool, name)
     return inst_path, voc_path
 
 
