@@ -329,7 +329,14 @@ class Bench:
                 fn(*a).backward(g)
 
         leaves = [t for s in prepared for t in s if isinstance(t, torch.Tensor) and t.requires_grad]
+        return self.time_step(request, step, prepared, leaves, f"{problem.op} {mode} {problem.size}")
+
+    def time_step(self, request, step, prepared, leaves=(), group="", target_s=0.8, max_rounds=30):
+        """Median seconds of ``step(*s)`` cycling the input sets ``prepared``; ``leaves`` get .grad = None
+        before each call. Returns (median, rounds or None, CUDA peak allocated bytes or None); min and IQR of
+        the CPU rounds go to ``self._last_spread``."""
         counter = [0]
+        leaves = list(leaves)
 
         def clear():
             for t in leaves:
@@ -351,14 +358,13 @@ class Bench:
             peak = torch.cuda.max_memory_allocated() - base
             clear()
             return t, None, peak
-        # CPU: pytest-benchmark's timer; one call to size the round count
-        step(*prepared[0])
+        # CPU: pytest-benchmark's timer; one untimed call (warm-up) sizes the round count
         clear()
         t0 = time.perf_counter()
         step(*prepared[1 % len(prepared)])
         one = time.perf_counter() - t0
         clear()
-        rounds = int(min(30, max(3, 0.8 / max(one, 1e-6))))
+        rounds = int(min(max_rounds, max(3, target_s / max(one, 1e-6))))
 
         def setup():
             clear()
@@ -367,14 +373,25 @@ class Bench:
             return tuple(s), {}
 
         benchmark = request.getfixturevalue("benchmark")
-        benchmark.group = f"{problem.op} {mode} {problem.size}"
-        benchmark.pedantic(step, setup=setup, rounds=rounds, warmup_rounds=1, iterations=1)
+        benchmark.group = group
+        benchmark.pedantic(step, setup=setup, rounds=rounds, warmup_rounds=1 if one < 0.2 else 0, iterations=1)
         clear()
         stats = getattr(benchmark, "stats", None)
         if stats is None or getattr(stats, "stats", None) is None:  # --benchmark-disable: fall back
             return cpu_median(lambda: step(*prepared[0])), None, None
         self._last_spread = {"min_s": stats.stats.min, "iqr_s": stats.stats.iqr}
         return stats.stats.median, rounds, None
+
+    def record(self, row: dict) -> None:
+        """Add a row timed outside :meth:`run` (fills the derived rates and roofline fractions)."""
+        t = row["median_s"]
+        rl = self.roofline
+        for key, peak_key, out in (("flops", "matmul_flops_per_s", "frac_matmul_peak"),
+                                   ("bytes", "copy_bytes_per_s", "frac_copy_bw")):
+            rate = row[key] / t if row.get(key) else None
+            row[f"{key}_per_s"] = rate
+            row[out] = rate / rl[peak_key] if rate else None
+        self.rows.append(row)
 
 
 def _detach(t):
@@ -405,6 +422,10 @@ def _fmt_rate(x: Optional[float], unit: str) -> str:
         if x >= scale:
             return f"{x / scale:.2f} {prefix}{unit}"
     return f"{x:.0f} {unit}"
+
+
+def _pct(x: Optional[float]) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
 
 
 def add_ratios(rows: List[dict]) -> None:
@@ -452,8 +473,8 @@ def markdown(rows: List[dict], env: dict, roofline: Optional[dict], plots: Dict[
             out.append(
                 f"| {r['size']} | {r['provider']} | {_fmt_time(r['median_s'])} | {_fmt_time(r.get('min_s'))} | "
                 f"{'-' if sp is None else f'{sp:.2f}x'} | {_fmt_rate(r['flops_per_s'], 'FLOP/s')} | "
-                f"{_fmt_rate(r['bytes_per_s'], 'B/s')} | {100 * r['frac_matmul_peak']:.1f} | "
-                f"{100 * r['frac_copy_bw']:.1f} | {'-' if pk is None else f'{pk / 2**20:.0f} MiB'} | {r['note']} |")
+                f"{_fmt_rate(r['bytes_per_s'], 'B/s')} | {_pct(r['frac_matmul_peak'])} | "
+                f"{_pct(r['frac_copy_bw'])} | {'-' if pk is None else f'{pk / 2**20:.0f} MiB'} | {r['note']} |")
     return "\n".join(out) + "\n"
 
 
@@ -477,7 +498,8 @@ def plot(rows: List[dict], path: str, title: str) -> bool:
             if r["provider"] == p:
                 xs.append(sizes.index(r["size"]))
                 ts.append(r["median_s"] * 1e3)
-                th.append(r["flops_per_s"] / 1e9 if metric == "flops" else r["bytes_per_s"] / 1e9)
+                rate = r.get("flops_per_s") if metric == "flops" else r.get("bytes_per_s")
+                th.append(rate / 1e9 if rate else float("nan"))
         axes[0].plot(xs, ts, marker="o", label=p)
         axes[1].plot(xs, th, marker="o", label=p)
     axes[0].set_ylabel("median time (ms)")
