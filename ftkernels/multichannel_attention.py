@@ -16,9 +16,9 @@ the output / gradients are written straight into (B, C, F, W) tensors. Grid (fra
 
 Head dims 1..128 are padded to ``BLOCK_D = max(16, next_pow2(d))`` (the tl.dot minimum is 16) with
 masked loads (zeros in the pad columns contribute nothing to the dot products, pad columns are not stored).
-Blocks (BM query frames x BN key frames): 64 x 64 for BLOCK_D <= 64, 64 x 32 for BLOCK_D = 128 (so the
-K/V stages of fp32 inputs fit shared memory on sm_80); padded frames are masked (keys to -inf, queries
-to zero-probability rows).
+Blocks (BM query frames x BN key frames), 4 warps, 2 stages: 64 x 64 for BLOCK_D <= 64; for BLOCK_D = 128
+64 x 32 (forward, dq) and 32 x 64 (dk/dv) so fp32 tiles fit sm_80's shared memory. Padded frames are
+masked (keys to -inf scores, padded query rows to zero probability in backward).
 
 Rotary is fused into the tile loads: cos/sin are computed in-kernel from the frame index
 (``tl.cos``/``tl.sin``, no tables, no libdevice) and each q/k tile is loaded twice, as-is and with the
@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from ftkernels import _common as common
 from ftkernels import reference
-from ftkernels._compile_gate import Specialization, spec
+from ftkernels._common import Specialization, spec
 from ftkernels.multichannel_linear import MultichannelLinear
 
 LOG2E = 1.4426950408889634
