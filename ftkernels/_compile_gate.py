@@ -12,11 +12,12 @@ scratch/statistics), names listed in ``Specialization.floats`` are fp32 scalars,
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, List, Tuple
+
+from ftkernels._common import Specialization, spec  # noqa: F401  (re-exported for op modules)
 
 # Shared-memory limits per SM for one block (opt-in maximum).
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -26,27 +27,6 @@ OP_MODULES = (
     "ftkernels.squared_relu_ffn",
     "ftkernels.multichannel_attention",
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class Specialization:
-    name: str  # module-qualified kernel name, for messages
-    kernel_name: str  # attribute of the module holding the @triton.jit function
-    dtype: str  # "fp32" | "fp16" | "bf16"
-    constexprs: Tuple[Tuple[str, object], ...]
-    floats: Tuple[str, ...] = ()
-    num_warps: int = 4
-    num_stages: int = 3
-
-    def label(self) -> str:
-        cx = ",".join(f"{k}={v}" for k, v in self.constexprs)
-        return f"{self.name}[{self.dtype}; {cx}; warps={self.num_warps}, stages={self.num_stages}]"
-
-
-def spec(module: str, kernel_name: str, dtype: str, constexprs: Dict[str, object], floats=(), num_warps=4,
-         num_stages=3) -> Specialization:
-    return Specialization(f"{module.rsplit('.', 1)[-1]}.{kernel_name}", kernel_name, dtype,
-                          tuple(sorted(constexprs.items())), tuple(floats), num_warps, num_stages)
 
 
 def _signature(fn, s: Specialization) -> Dict[str, str]:

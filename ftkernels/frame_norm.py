@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ftkernels import _common as common
 from ftkernels import reference
-from ftkernels._compile_gate import Specialization, spec
+from ftkernels._common import Specialization, spec
 
 BF, BW = 32, 64  # feature chunk x frame block
 

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from ftkernels import _common as common
 from ftkernels import reference
-from ftkernels._compile_gate import Specialization, spec
+from ftkernels._common import Specialization, spec
 
 # Activations fused into epilogues.
 ACT_NONE, ACT_SQRELU = 0, 1

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ftkernels import _common as common
 from ftkernels import reference
-from ftkernels._compile_gate import Specialization
+from ftkernels._common import Specialization
 from ftkernels.frame_norm import FrameNorm
 from ftkernels.multichannel_linear import MultichannelLinear
 
