@@ -98,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume from OUT/checkpoint.pt (or the given checkpoint)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default=None)
-    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default 1 when training on the CPU: the demo model's small matmuls gain "
+                        "little from more, and extra threads spin badly on a busy machine; torch's default on CUDA)")
     g.add_argument("--stop-after-steps", type=int, default=None,
                    help="stop (and checkpoint) once this many optimizer steps are done (the schedule is unchanged)")
     g.add_argument("--no-initial-val", action="store_true", help="skip validating the untrained model")
@@ -523,8 +525,8 @@ def main(argv=None):
                 if k not in keep:
                     setattr(args, k, v)
     args = _defaults(args, cuda, synthetic=not (args.instrumentals or args.pairs))
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads or not cuda:
+        torch.set_num_threads(args.threads or 1)
     trainer = Trainer(args)
     try:
         trainer.run()

@@ -178,7 +178,10 @@ def main(argv=None):
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"])
     p.add_argument("--subtype", default="PCM_16", help="output WAV subtype (PCM_16, PCM_24, FLOAT)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, cfg = load_model(a.checkpoint, device, a.backend)
     cropsize = a.cropsize or cfg.get("cropsize", 256)
