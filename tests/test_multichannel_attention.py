@@ -165,7 +165,12 @@ def test_module_compile_fullgraph_matches_reference():
     mem = torch.randn(1, C, F, 5, device=DEV)
     compiled = _compile(mod)
     torch.testing.assert_close(compiled(x), ref(x), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(compiled(x, mem), ref(x, mem), atol=1e-4, rtol=1e-4)
+    out, want = compiled(x, mem), ref(x, mem)
+    torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+    # backward through the compiled module: attention and the multichannel-linear projections
+    for a, b in zip(torch.autograd.grad(out.square().sum(), list(mod.parameters())),
+                    torch.autograd.grad(want.square().sum(), list(ref.parameters()))):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_op_compile_fullgraph_backward():
