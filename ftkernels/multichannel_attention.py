@@ -277,11 +277,6 @@ def _block_d(d: int) -> int:
     return max(16, common.next_pow2(d))
 
 
-def _stat_dtype(q: Tensor) -> torch.dtype:
-    # fp32 statistics; fp64 only for the interpreter's fp64 oracle runs
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
 def forward(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float, rotary: bool) -> Tuple[Tensor, Tensor]:
     """(out (B, C, F, Wq), lse (B, C, H, Wq) base-2 log-sum-exp, fp32)."""
     B, C, F, WQ = q.shape
@@ -290,7 +285,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float, rotar
     BD = _block_d(D)
     BM, BN, warps, stages = _blocks(BD)
     out = torch.empty((B, C, F, WQ), device=q.device, dtype=q.dtype)
-    lse = torch.empty((B, C, num_heads, WQ), device=q.device, dtype=_stat_dtype(q))
+    lse = torch.empty((B, C, num_heads, WQ), device=q.device, dtype=common.stats_dtype(q.dtype))
     _mca_fwd_kernel[(triton.cdiv(WQ, BM), C * num_heads, B)](
         q, k, v, out, lse, C, num_heads, D, WQ, WK, float(scale) * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -304,7 +299,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
     WK = k.shape[3]
     D = F // num_heads
     BD = _block_d(D)
-    sd = _stat_dtype(q)
+    sd = common.stats_dtype(q.dtype)
     delta = (do.to(sd) * out.to(sd)).reshape(B, C, num_heads, D, WQ).sum(3).contiguous()
     dq = torch.empty((B, C, F, WQ), device=q.device, dtype=q.dtype)
     dk = torch.empty((B, C, F, WK), device=q.device, dtype=q.dtype)
@@ -334,7 +329,7 @@ def _mca_op(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float, rotar
 @_mca_op.register_fake
 def _(q, k, v, num_heads, scale, rotary):
     B, C, F, WQ = q.shape
-    return q.new_empty((B, C, F, WQ)), q.new_empty((B, C, num_heads, WQ), dtype=_stat_dtype(q))
+    return q.new_empty((B, C, F, WQ)), q.new_empty((B, C, num_heads, WQ), dtype=common.stats_dtype(q.dtype))
 
 
 @torch.library.custom_op("ftkernels::multichannel_attention_backward", mutates_args=())
