@@ -115,11 +115,12 @@ def test_demo_training_improves_vocal_sdr(tmp_path):
     """Short demo run on the built-in synthetic data: validation vocals uSDR beats the untrained model."""
     data = ["--synth-dir", str(tmp_path / "lib"), "--synth-tracks", "6", "--synth-seconds", "3"]
     t = train.main(data + SMALL + ["--out", str(tmp_path / "demo"), "--cropsize", "32", "--batch-size", "4",
-                                   "--epoch-size", "64", "--epochs", "3", "--val-items", "12", "--lr", "3e-3",
+                                   "--epoch-size", "64", "--epochs", "6", "--val-items", "12", "--lr", "3e-3",
                                    "--warmup-steps", "4"])
     hist = t.history
     before, after = hist[0]["val_sdr"], hist[-1]["val_sdr"]
     print(f"demo: val vocals uSDR {before:.2f} -> {after:.2f} dB")
-    assert hist[0]["step"] == 0 and hist[-1]["step"] == 48
-    assert after > before + 1.0, (before, after)
+    assert hist[0]["step"] == 0 and hist[-1]["step"] == 96
+    # measured: 3.7 -> 9.3 dB; require a 2 dB gain
+    assert after > before + 2.0, (before, after)
     assert hist[-1]["val_loss"] < hist[0]["val_loss"]
