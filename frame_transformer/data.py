@@ -245,3 +245,32 @@ class ResumableDistributedSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return max(0, self.num_samples - self.start)
+
+
+def main(argv=None):
+    """Fill the spectrogram cache ahead of training:
+
+        python -m frame_transformer.data --instrumentals I --vocals V [--pairs P] --cache-dir C --sr 44100
+    """
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--instrumentals")
+    p.add_argument("--vocals")
+    p.add_argument("--pairs")
+    p.add_argument("--cache-dir", required=True)
+    p.add_argument("--sr", type=int, default=44100)
+    p.add_argument("--n-fft", type=int, default=2048)
+    p.add_argument("--hop", type=int, default=None, help="default n_fft // 2")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    cache = SpectrogramCache(a.cache_dir, a.sr, a.n_fft, a.hop or a.n_fft // 2)
+    inst = cache.build(collect_files(a.instrumentals), "instrumentals", progress=True)
+    voc = cache.build(collect_files(a.vocals), "vocals", progress=True)
+    pairs = [(cache.get(m), cache.get(i)) for m, i in collect_pairs(a.pairs)]
+    print(f"cached {len(inst)} instrumentals, {len(voc)} vocals, {sum(1 for m, i in pairs if m and i)} pairs "
+          f"in {a.cache_dir}; {len(cache.failed)} unreadable files skipped")
+
+
+if __name__ == "__main__":
+    main()
