@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
-import json
 import math
 import os
 import random
