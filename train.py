@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-items", type=int, default=32)
     g.add_argument("--workers", type=int, default=0)
     g = p.add_argument_group("model")
-    g.add_argument("--preset", default=None, help="tiny (CPU default) | default (the seed's sizes; CUDA default) | micro")
+    g.add_argument("--preset", default=None,
+                   help="tiny (demo and CPU default) | default (the seed's sizes; default with real data on CUDA) | micro")
     g.add_argument("--channels", type=int)
     g.add_argument("--n-fft", type=int)
     g.add_argument("--num-heads", type=int)
@@ -108,8 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _defaults(args, cuda: bool, synthetic: bool):
-    tiny = (args.preset or ("default" if cuda else "tiny")) != "default"
-    args.preset = args.preset or ("default" if cuda else "tiny")
+    """Unset options: the demo (built-in synthetic data, or any run on the CPU) uses the tiny preset and short
+    schedule; real data on CUDA uses the seed's sizes."""
+    args.preset = args.preset or ("default" if cuda and not synthetic else "tiny")
+    tiny = args.preset != "default"
     fill = dict(sr=16000 if synthetic else 44100, cropsize=64 if tiny else 256, epochs=6 if tiny else 100,
                 batch_size=4 if tiny else 8, lr=2e-3 if tiny else 1e-4, epoch_size=256 if tiny else 8000,
                 warmup_steps=20 if tiny else 2000)
