@@ -82,12 +82,25 @@ def test_same_state_dict_for_every_backend():
     b.load_state_dict(a.state_dict())
 
 
-def test_reference_vs_triton_float64_outputs_and_gradients():
-    """The same micro model on the Triton kernels (CPU interpreter) and on the reference ops: same output and
-    parameter gradients in float64."""
+def _rel_err(a, b):
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def test_reference_vs_triton_outputs_and_gradients():
+    """The same micro model on the Triton kernels and on the reference ops: same output and parameter gradients.
+    Without a GPU the kernels run in the CPU interpreter in float64 (tight tolerances); on a GPU in float32."""
+    from ftkernels import _common
+
+    if _common.INTERPRET:
+        device, dtype, tol = "cpu", torch.float64, 1e-10
+    elif torch.cuda.is_available():
+        device, dtype, tol = "cuda", torch.float32, 2e-4
+    else:
+        pytest.skip("needs TRITON_INTERPRET=1 or a GPU")
     torch.manual_seed(0)
-    m = FrameTransformer(preset("micro"), backend="reference").double()
-    x = torch.rand(1, 2, 33, 8, dtype=torch.float64)
+    m = FrameTransformer(preset("micro"), backend="reference").to(device, dtype)
+    x = torch.rand(1, 2, 33, 8, dtype=dtype, device=device)
     y_ref = m(x)
     (y_ref.square().sum()).backward()
     g_ref = {k: p.grad.clone() for k, p in m.named_parameters()}
@@ -95,7 +108,7 @@ def test_reference_vs_triton_float64_outputs_and_gradients():
     m.set_backend("triton")
     y_tri = m(x)
     (y_tri.square().sum()).backward()
-    torch.testing.assert_close(y_tri, y_ref, rtol=1e-10, atol=1e-12)
+    assert _rel_err(y_tri, y_ref) < tol
     for k, p in m.named_parameters():
         assert p.grad is not None, k
-        torch.testing.assert_close(p.grad, g_ref[k], rtol=1e-9, atol=1e-11, msg=k)
+        assert _rel_err(p.grad, g_ref[k]) < tol * 10, k
