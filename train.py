@@ -98,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default=None)
     g.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default 1 when training on the CPU: the demo model's small matmuls gain "
-                        "little from more, and extra threads spin badly on a busy machine; torch's default on CUDA)")
+                   help="torch CPU threads (default 1 when training on the CPU: the model's many small matmuls run several "
+                        "times slower with more threads here, worst on a busy machine; torch's default on CUDA)")
     g.add_argument("--stop-after-steps", type=int, default=None,
                    help="stop (and checkpoint) once this many optimizer steps are done (the schedule is unchanged)")
     g.add_argument("--no-initial-val", action="store_true", help="skip validating the untrained model")

@@ -178,11 +178,13 @@ def main(argv=None):
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"])
     p.add_argument("--subtype", default="PCM_16", help="output WAV subtype (PCM_16, PCM_24, FLOAT)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default 1 on the CPU: this torch build runs the model's many small "
+                        "matmuls several times slower with more threads)")
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if a.threads or device.type == "cpu":
+        torch.set_num_threads(a.threads or 1)
     model, cfg = load_model(a.checkpoint, device, a.backend)
     cropsize = a.cropsize or cfg.get("cropsize", 256)
     if os.path.isdir(a.input):
