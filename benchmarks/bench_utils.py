@@ -447,7 +447,7 @@ def markdown(rows: List[dict], env: dict, roofline: Optional[dict], plots: Dict[
     out = [f"# ftkernels benchmarks: {env['device']} ({env['date']})", ""]
     out.append(f"torch {env['torch']}, triton {env.get('triton')}, python {env['python']}, dtype {env['dtype']}, "
                f"{env['cpu_threads']} CPU threads, commit {env.get('git_commit')}")
-    if not HAS_CUDA:
+    if env.get("device_slug") == "cpu":
         out += ["", "**CPU run.** ftkernels' backend `auto` runs the plain-PyTorch reference on CPU, so the "
                 "`ftkernels` rows are the reference formulation, not the Triton kernels (skipped where an `eager` "
                 "reference row already measures the same code)."]
@@ -455,6 +455,17 @@ def markdown(rows: List[dict], env: dict, roofline: Optional[dict], plots: Dict[
         out += ["", f"Roofline measured in this run: matmul {roofline['matmul_n']}^3 {roofline['matmul_dtype']} = "
                 f"{_fmt_rate(roofline['matmul_flops_per_s'], 'FLOP/s')}; copy of {roofline['copy_bytes'] >> 20} MiB = "
                 f"{_fmt_rate(roofline['copy_bytes_per_s'], 'B/s')} (read + write)."]
+    out += ["", "## Summary: geometric-mean speedup over the baseline, across sizes", "",
+            "| op | mode | baseline | " + " | ".join(["provider: speedup (sizes)"]) + " |", "|---|---|---|---|"]
+    for (op, mode), rs in group_rows(rows).items():
+        cells = []
+        for p in dict.fromkeys(r["provider"] for r in rs):
+            sp = [r["speedup_vs_baseline"] for r in rs if r["provider"] == p and r.get("speedup_vs_baseline")]
+            if sp:
+                cells.append(f"{p}: {math.exp(sum(map(math.log, sp)) / len(sp)):.2f}x ({len(sp)})")
+            else:
+                cells.append(f"{p}: skipped")
+        out.append(f"| {op} | {mode} | {rs[0]['baseline']} | {'; '.join(cells)} |")
     out += ["", "`median` is the statistic; `min` (CPU only) shows how much a shared, loaded machine spread the rounds. "
             "`speedup` = baseline median / provider median (> 1: faster than the baseline). `% mm` = achieved "
             "FLOP/s over the measured matmul peak, `% bw` = minimal bytes/s over the measured copy bandwidth."]
@@ -518,11 +529,14 @@ def plot(rows: List[dict], path: str, title: str) -> bool:
 
 
 def write_reports(bench: Bench) -> List[str]:
-    rows = bench.rows
-    if not rows:
+    if not bench.rows:
         return []
     env = environment()
     env["wall_s"] = round(time.time() - bench.t_start, 1)
+    return _write(bench.rows, env, bench._roofline)
+
+
+def _write(rows: List[dict], env: dict, roofline: Optional[dict]) -> List[str]:
     add_ratios(rows)
     os.makedirs(RESULTS_DIR, exist_ok=True)
     stem = f"{env['device_slug']}-{env['date']}"
@@ -531,10 +545,16 @@ def write_reports(bench: Bench) -> List[str]:
         name = f"{stem}-{op}-{mode.replace('+', '_')}.png"
         if plot(rs, os.path.join(RESULTS_DIR, name), f"{op} {mode} on {env['device']} ({env['dtype']})"):
             plots[(op, mode)] = name
-    roofline = bench._roofline
     with open(os.path.join(RESULTS_DIR, stem + ".json"), "w") as f:
         json.dump({"environment": env, "roofline": roofline, "rows": rows}, f, indent=1, default=str)
     with open(os.path.join(RESULTS_DIR, stem + ".md"), "w") as f:
         f.write(markdown(rows, env, roofline, plots))
     return [os.path.join(RESULTS_DIR, stem + ext) for ext in (".json", ".md")] + \
         [os.path.join(RESULTS_DIR, p) for p in plots.values()]
+
+
+if __name__ == "__main__":  # re-render the markdown and plots of a results JSON: python -m benchmarks.bench_utils X.json
+    with open(sys.argv[1]) as f:
+        data = json.load(f)
+    for path in _write(data["rows"], data["environment"], data["roofline"]):
+        print(path)

@@ -8,6 +8,8 @@ and pytest disables argparse abbreviations, so the two cannot be confused).
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -24,6 +26,11 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    # FTBENCH_THREADS=n pins torch's intra-op threads for the run (recorded in the results): on small shared
+    # VMs two threads can stall on each other (see BENCHMARKS.md) and one gives reproducible CPU numbers
+    threads = os.environ.get("FTBENCH_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
     config.stash[_BENCH_KEY] = bench_utils.Bench(config)
     # one torch.compile wrapper per case: every shape recompiles (dynamic=False), so lift dynamo's
     # per-function recompile limit, past which it would silently fall back to eager
