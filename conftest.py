@@ -10,4 +10,6 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-torch.set_num_threads(max(1, os.cpu_count() or 1))
+# One intra-op thread: with 2 cores shared by the compile-gate workers, OpenMP spinning made
+# multi-threaded CPU ops several times slower than single-threaded ones here.
+torch.set_num_threads(1)
