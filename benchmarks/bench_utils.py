@@ -233,6 +233,7 @@ class Bench:
         self._roofline: Optional[dict] = None
         self._oracle: Dict[tuple, tuple] = {}
         self.t_start = time.time()
+        self.partial = False  # set by conftest when only part of the suite ran
 
     @property
     def roofline(self) -> dict:
@@ -533,13 +534,14 @@ def write_reports(bench: Bench) -> List[str]:
         return []
     env = environment()
     env["wall_s"] = round(time.time() - bench.t_start, 1)
+    env["partial"] = bench.partial
     return _write(bench.rows, env, bench._roofline)
 
 
 def _write(rows: List[dict], env: dict, roofline: Optional[dict]) -> List[str]:
     add_ratios(rows)
     os.makedirs(RESULTS_DIR, exist_ok=True)
-    stem = f"{env['device_slug']}-{env['date']}"
+    stem = f"{env['device_slug']}-{env['date']}" + ("-partial" if env.get("partial") else "")
     plots = {}
     for (op, mode), rs in group_rows(rows).items():
         name = f"{stem}-{op}-{mode.replace('+', '_')}.png"

@@ -46,6 +46,28 @@ def bench(pytestconfig) -> bench_utils.Bench:
     return pytestconfig.stash[_BENCH_KEY]
 
 
+def pytest_deselected(items):
+    for item in items:
+        b = item.config.stash.get(_BENCH_KEY, None)
+        if b is not None:
+            b.partial = True
+            return
+
+
+def pytest_collection_finish(session):
+    """A run that does not cover every benchmark module (file args, -k, -m) writes ``*-partial.*`` results
+    instead of overwriting the day's full results."""
+    b = session.config.stash.get(_BENCH_KEY, None)
+    if b is None:
+        return
+    here = os.path.dirname(os.path.abspath(__file__))
+    wanted = {f for f in os.listdir(here) if f.startswith("test_bench_") and f.endswith(".py")}
+    seen = {os.path.basename(str(item.fspath)) for item in session.items
+            if os.path.dirname(os.path.abspath(str(item.fspath))) == here}
+    if not wanted <= seen:
+        b.partial = True
+
+
 def pytest_sessionfinish(session, exitstatus):
     b = session.config.stash.get(_BENCH_KEY, None)
     if b is not None and b.full:
