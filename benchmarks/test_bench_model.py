@@ -141,7 +141,19 @@ def count_flops(task, preset, inputs, device, crop):
     return counter.get_total_flops()
 
 
-def test_model(request, bench, case):
+@pytest.fixture
+def release_memory():
+    """Drop compiled graphs and cached blocks after each case: one default-preset model with its AdamW state
+    is ~11 GB, and four providers x two tasks must not pile up on the GPU."""
+    yield
+    import gc
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def test_model(request, bench, case, release_memory):
     (task, preset, batch, frames), provider = case
     device = bench.device
     crop = CROP if bench.full else 16
