@@ -27,7 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import pytest
 import torch
@@ -215,6 +215,44 @@ def forward_backward(fn, inputs, grad_argnums, grad_out=None):
     g = grad_seed_like(out) if grad_out is None else grad_out
     out.backward(g)
     return out, [inputs[i].grad for i in grad_argnums]
+
+
+# ----------------------------------------------------------------------------------------------
+# per-op test modules: parametrization and one case
+
+
+CPU_REFERENCE_NOTE = "reference path (CPU; not the Triton kernels)"
+
+
+def case_parametrizer(providers: Iterable[str], size_label: Callable[..., str], smoke: Sequence, cpu: Sequence,
+                      cpu_bwd: Sequence, gpu: Sequence, gpu_bwd: Sequence) -> Callable:
+    """A ``pytest_generate_tests`` hook for an op's test module: parametrizes ``case`` = (mode, dims, provider)
+    over ``fwd`` at ``smoke``/``cpu``/``gpu`` sizes and ``fwd+bwd`` at ``smoke``/``cpu_bwd``/``gpu_bwd`` sizes
+    (see :func:`pick_sizes`), each with every provider; ids ``<mode>-<size_label(*dims), '_' for ' '>-<provider>``."""
+    def pytest_generate_tests(metafunc):
+        if "case" not in metafunc.fixturenames:
+            return
+        cfg = metafunc.config
+        cases = [("fwd", d) for d in pick_sizes(cfg, smoke, cpu, gpu)]
+        cases += [("fwd+bwd", d) for d in pick_sizes(cfg, smoke, cpu_bwd, gpu_bwd)]
+        params = [(m, d, p) for m, d in cases for p in providers]
+        metafunc.parametrize("case", params,
+                             ids=[f"{m}-{size_label(*d).replace(' ', '_')}-{p}" for m, d, p in params])
+    return pytest_generate_tests
+
+
+def run_case(request, bench: "Bench", case: tuple, problem: Callable[..., Problem],
+             make_provider: Callable[[str, tuple, bool], Callable], baseline: str, note: str = "",
+             cpu_reference_note: bool = False) -> Optional[dict]:
+    """Run one ``case`` from :func:`case_parametrizer`: ``problem(dims, device, dtype)`` at the session's device
+    and dtype, the provider built (inside :meth:`Bench.run`, so it may raise :class:`Unsupported`) by
+    ``make_provider(provider, dims, bench.full)``. With ``cpu_reference_note`` the ``ftkernels`` rows on CPU
+    get :data:`CPU_REFERENCE_NOTE`."""
+    mode, dims, provider = case
+    if cpu_reference_note and provider == "ftkernels" and not HAS_CUDA:
+        note = CPU_REFERENCE_NOTE
+    return bench.run(request, problem(dims, bench.device, bench.dtype), provider,
+                     lambda: make_provider(provider, dims, bench.full), mode, baseline=baseline, note=note)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -76,18 +76,13 @@ def problem(dims, device, dtype) -> Problem:
                    bwd_bytes_factor=1.5, metric="bytes")
 
 
-def pytest_generate_tests(metafunc):
-    if "case" not in metafunc.fixturenames:
-        return
-    cfg = metafunc.config
-    cases = [("fwd", d) for d in bench_utils.pick_sizes(cfg, SMOKE, CPU, GPU)]
-    cases += [("fwd+bwd", d) for d in bench_utils.pick_sizes(cfg, SMOKE, CPU_BWD, GPU_BWD)]
-    params = [(m, d, p) for m, d in cases for p in PROVIDERS]
-    metafunc.parametrize("case", params, ids=[f"{m}-{size_label(*d).replace(' ', '_')}-{p}" for m, d, p in params])
+pytest_generate_tests = bench_utils.case_parametrizer(PROVIDERS, size_label, SMOKE, CPU, CPU_BWD, GPU, GPU_BWD)
+
+
+def make_provider(provider, dims, full):
+    return {"eager": _eager, "layer_norm": lambda: layer_norm, "compile": _compiled,
+            "ftkernels": _ftkernels(full)}[provider]()
 
 
 def test_frame_norm(request, bench, case):
-    mode, dims, provider = case
-    make = {"eager": _eager, "layer_norm": lambda: layer_norm, "compile": _compiled,
-            "ftkernels": _ftkernels(bench.full)}[provider]
-    bench.run(request, problem(dims, bench.device, bench.dtype), provider, make, mode, baseline="eager")
+    bench_utils.run_case(request, bench, case, problem, make_provider, baseline="eager")

@@ -135,22 +135,10 @@ def make_provider(provider, dims, full):
     return lambda q, k, v: multichannel_attention(q, k, v, H, scale)
 
 
-def pytest_generate_tests(metafunc):
-    if "case" not in metafunc.fixturenames:
-        return
-    cfg = metafunc.config
-    cases = [("fwd", d) for d in bench_utils.pick_sizes(cfg, SMOKE, CPU, GPU)]
-    cases += [("fwd+bwd", d) for d in bench_utils.pick_sizes(cfg, SMOKE, CPU_BWD, GPU_BWD)]
-    params = [(m, d, p) for m, d in cases for p in PROVIDERS]
-    metafunc.parametrize("case", params, ids=[f"{m}-{size_label(*d).replace(' ', '_')}-{p}" for m, d, p in params])
+pytest_generate_tests = bench_utils.case_parametrizer(PROVIDERS, size_label, SMOKE, CPU, CPU_BWD, GPU, GPU_BWD)
 
 
 def test_multichannel_attention(request, bench, case):
-    mode, dims, provider = case
-    note = ""
-    if provider == "ftkernels" and not bench_utils.HAS_CUDA:
-        note = "reference path (CPU; not the Triton kernels)"
-    if provider == "seed" and bench.dtype != torch.float32:
-        note = "computes in float32 (as the seed)"
-    bench.run(request, problem(dims, bench.device, bench.dtype), provider,
-              lambda: make_provider(provider, dims, bench.full), mode, baseline="seed", note=note)
+    note = "computes in float32 (as the seed)" if case[2] == "seed" and bench.dtype != torch.float32 else ""
+    bench_utils.run_case(request, bench, case, problem, make_provider, baseline="seed", note=note,
+                         cpu_reference_note=True)

@@ -12,15 +12,6 @@ from frame_transformer.metrics import batch_sdr, sdr
 SR = 16000
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from more threads, and a busy machine makes extra threads spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
     root = tmp_path_factory.mktemp("lib")

@@ -5,15 +5,6 @@ import torch
 from frame_transformer.model import FrameTransformer, ModelConfig, preset
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from more threads, and a busy machine makes extra threads spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_tiny_shapes_and_mask_range():
     torch.manual_seed(0)
     m = FrameTransformer(preset("tiny"))

@@ -12,14 +12,6 @@ from frame_transformer.model import FrameTransformer, preset
 SR = 16000
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A checkpoint in train.py's format holding an untrained micro model (n_fft 64)."""

@@ -12,15 +12,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train  # noqa: E402
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from more threads, and a busy machine makes extra threads spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # a small model (2 channels, 1-2 attention maps) on a tiny synthetic library
 # on the CPU even where a GPU exists: the exactness checks and the measured SDR gain are CPU properties
 SMALL = ["--preset", "tiny", "--channels", "2", "--num-attention-maps", "1,1,2,2", "--no-progress", "--device", "cpu"]
