@@ -41,3 +41,11 @@ def assert_low_precision_ok(kernel_out, torch_out, ref64, name, floor=1e-5):
     PyTorch op computed in the same low precision, plus a tiny floor."""
     k_err, t_err = max_err(kernel_out, ref64), max_err(torch_out, ref64)
     assert k_err <= 2 * t_err + floor, f"{name}: kernel err {k_err:.3e} > 2 x torch err {t_err:.3e} + {floor}"
+
+
+def assert_backends_agree(module, *inputs):
+    """The module gives the same output on the Triton kernels and on the reference."""
+    module.backend = "triton"
+    out = module(*inputs)
+    module.backend = "reference"
+    torch.testing.assert_close(out, module(*inputs))
