@@ -84,6 +84,12 @@ def _inv_freq(two_i, d, dt: tl.constexpr):
 
 
 @triton.jit
+def _head_base(b, c, h, D, s_b, s_c, s_f):
+    """Element offset of head h's first feature in (batch b, channel c): features [h*D, (h+1)*D)."""
+    return b.to(tl.int64) * s_b + c.to(tl.int64) * s_c + (h * D).to(tl.int64) * s_f
+
+
+@triton.jit
 def _rot_tile(x_ptr, base, offs_d, offs_w, s_f, s_w, mask, d, ROTARY: tl.constexpr, FRAMES_FIRST: tl.constexpr):
     """Load a (frames, BLOCK_D) tile (FRAMES_FIRST) or its transpose (BLOCK_D, frames), rotary applied.
 
@@ -139,9 +145,9 @@ def _mca_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_f32_ptr, C, H, D, WQ, WK, qk
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < WQ
     mask_d = offs_d < D
-    q_base = b.to(tl.int64) * s_qb + c.to(tl.int64) * s_qc + (h * D).to(tl.int64) * s_qf
-    k_base = b.to(tl.int64) * s_kb + c.to(tl.int64) * s_kc + (h * D).to(tl.int64) * s_kf
-    v_base = b.to(tl.int64) * s_vb + c.to(tl.int64) * s_vc + (h * D).to(tl.int64) * s_vf
+    q_base = _head_base(b, c, h, D, s_qb, s_qc, s_qf)
+    k_base = _head_base(b, c, h, D, s_kb, s_kc, s_kf)
+    v_base = _head_base(b, c, h, D, s_vb, s_vc, s_vf)
     q = _rot_tile(q_ptr, q_base, offs_d, offs_m, s_qf, s_qw, mask_m[:, None] & mask_d[None, :], D, ROTARY, True)
 
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32) + zero
@@ -163,7 +169,7 @@ def _mca_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_f32_ptr, C, H, D, WQ, WK, qk
         acc = acc * alpha[:, None] + tl.dot(p.to(dt), v, input_precision=PRECISION)
         m_i = m_new
     out = acc / l_i[:, None]
-    o_base = b.to(tl.int64) * s_ob + c.to(tl.int64) * s_oc + (h * D).to(tl.int64) * s_of
+    o_base = _head_base(b, c, h, D, s_ob, s_oc, s_of)
     tl.store(o_ptr + o_base + offs_d[None, :] * s_of + offs_m[:, None] * s_ow, out.to(dt),
              mask=mask_m[:, None] & mask_d[None, :])
     stat = (b * C * H + ch).to(tl.int64) * WQ + offs_m
@@ -190,10 +196,10 @@ def _mca_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_f32_ptr, delta_f32_ptr
     mask_n = offs_n < WK
     mask_d = offs_d < D
     mask_nd = mask_n[:, None] & mask_d[None, :]
-    q_base = b.to(tl.int64) * s_qb + c.to(tl.int64) * s_qc + (h * D).to(tl.int64) * s_qf
-    k_base = b.to(tl.int64) * s_kb + c.to(tl.int64) * s_kc + (h * D).to(tl.int64) * s_kf
-    v_base = b.to(tl.int64) * s_vb + c.to(tl.int64) * s_vc + (h * D).to(tl.int64) * s_vf
-    g_base = b.to(tl.int64) * s_gb + c.to(tl.int64) * s_gc + (h * D).to(tl.int64) * s_gf
+    q_base = _head_base(b, c, h, D, s_qb, s_qc, s_qf)
+    k_base = _head_base(b, c, h, D, s_kb, s_kc, s_kf)
+    v_base = _head_base(b, c, h, D, s_vb, s_vc, s_vf)
+    g_base = _head_base(b, c, h, D, s_gb, s_gc, s_gf)
     k = _rot_tile(k_ptr, k_base, offs_d, offs_n, s_kf, s_kw, mask_nd, D, ROTARY, True)  # (BN, BLOCK_D)
     v = tl.load(v_ptr + v_base + offs_d[None, :] * s_vf + offs_n[:, None] * s_vw, mask=mask_nd, other=0.0)
     dk = tl.zeros([BN, BLOCK_D], dtype=tl.float32) + zero[:, None]
@@ -216,8 +222,8 @@ def _mca_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_f32_ptr, delta_f32_ptr
         dst = pt * (dpt - delta[None, :])
         dk += tl.dot(dst.to(dt), tl.trans(qt), input_precision=PRECISION)
     dk = _unrot(dk * scale, offs_n, D, ROTARY, BN, BLOCK_D)
-    dk_base = b.to(tl.int64) * s_dkb + c.to(tl.int64) * s_dkc + (h * D).to(tl.int64) * s_dkf
-    dv_base = b.to(tl.int64) * s_dvb + c.to(tl.int64) * s_dvc + (h * D).to(tl.int64) * s_dvf
+    dk_base = _head_base(b, c, h, D, s_dkb, s_dkc, s_dkf)
+    dv_base = _head_base(b, c, h, D, s_dvb, s_dvc, s_dvf)
     tl.store(dk_ptr + dk_base + offs_d[None, :] * s_dkf + offs_n[:, None] * s_dkw, dk.to(dt), mask=mask_nd)
     tl.store(dv_ptr + dv_base + offs_d[None, :] * s_dvf + offs_n[:, None] * s_dvw, dv.to(dt), mask=mask_nd)
 
@@ -242,10 +248,10 @@ def _mca_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_f32_ptr, delta_f32_ptr, 
     mask_m = offs_m < WQ
     mask_d = offs_d < D
     mask_md = mask_m[:, None] & mask_d[None, :]
-    q_base = b.to(tl.int64) * s_qb + c.to(tl.int64) * s_qc + (h * D).to(tl.int64) * s_qf
-    k_base = b.to(tl.int64) * s_kb + c.to(tl.int64) * s_kc + (h * D).to(tl.int64) * s_kf
-    v_base = b.to(tl.int64) * s_vb + c.to(tl.int64) * s_vc + (h * D).to(tl.int64) * s_vf
-    g_base = b.to(tl.int64) * s_gb + c.to(tl.int64) * s_gc + (h * D).to(tl.int64) * s_gf
+    q_base = _head_base(b, c, h, D, s_qb, s_qc, s_qf)
+    k_base = _head_base(b, c, h, D, s_kb, s_kc, s_kf)
+    v_base = _head_base(b, c, h, D, s_vb, s_vc, s_vf)
+    g_base = _head_base(b, c, h, D, s_gb, s_gc, s_gf)
     q = _rot_tile(q_ptr, q_base, offs_d, offs_m, s_qf, s_qw, mask_md, D, ROTARY, True)  # (BM, BLOCK_D)
     do = tl.load(do_ptr + g_base + offs_d[None, :] * s_gf + offs_m[:, None] * s_gw, mask=mask_md, other=0.0)
     stat = (b * C * H + ch).to(tl.int64) * WQ + offs_m
@@ -265,7 +271,7 @@ def _mca_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_f32_ptr, delta_f32_ptr, 
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(dt), tl.trans(kt), input_precision=PRECISION)
     dq = _unrot(dq * scale, offs_m, D, ROTARY, BM, BLOCK_D)
-    dq_base = b.to(tl.int64) * s_dqb + c.to(tl.int64) * s_dqc + (h * D).to(tl.int64) * s_dqf
+    dq_base = _head_base(b, c, h, D, s_dqb, s_dqc, s_dqf)
     tl.store(dq_ptr + dq_base + offs_d[None, :] * s_dqf + offs_m[:, None] * s_dqw, dq.to(dt), mask=mask_md)
 
 
