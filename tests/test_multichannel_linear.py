@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 import ftkernels
 from ftkernels import reference
-from helpers import assert_backends_agree, KERNEL_DEVICE, assert_close_all, assert_low_precision_ok, grads, op_module, rand, \
-    requires_cuda
+from helpers import LOW_PRECISION, KERNEL_DEVICE, assert_backends_agree, assert_close_all, assert_low_precision_ok, \
+    gpu_or_cpu, grads, op_module, rand
 
 mcl = op_module("multichannel_linear")
 
@@ -164,12 +164,13 @@ def test_autocast_casts_to_autocast_dtype():
     assert out.dtype == torch.bfloat16
 
 
-@requires_cuda
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
 @pytest.mark.parametrize("C_out", [4, 16])
-def test_gpu_low_precision_tolerance_rule(dtype, C_out):
+def test_low_precision_tolerance_rule(dtype, C_out):
+    """FlashAttention's rule, forward and every gradient, fused (C_out = 4) and two-pass (16) paths."""
     torch.manual_seed(0)
-    x, p = make(4, 8, C_out, 256, 384, 256, dtype=dtype, device="cuda")
+    B, C_in, F_in, F_out, W = gpu_or_cpu((4, 8, 256, 384, 256), (2, 3, 40, 48, 37))
+    x, p = make(B, C_in, C_out, F_in, F_out, W, dtype=dtype)
     out = ftkernels.multichannel_linear(x, **p, backend="triton")
     ref_low = reference.multichannel_linear(x, **p)
     x64 = x.detach().double().requires_grad_()
