@@ -12,7 +12,6 @@ ftkernels  ftkernels.multichannel_linear, backend auto: the Triton kernels on CU
 """
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 
