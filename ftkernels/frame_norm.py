@@ -9,8 +9,8 @@ The features axis is strided (stride W in a contiguous tensor) while frames are 
 takes BW neighbouring frames of one (b, c) -- coalesced loads along frames -- and walks the features in BF
 chunks: pass 1 sums for the mean, pass 2 the centred squares for the variance (two-pass: no cancellation
 on large-mean inputs such as magnitude spectrograms), pass 3 writes y. Re-reads of the (F x BW) slab hit L2.
-``_frame_norm_fwd_kernel`` also stores mean/rstd (B, C, W) fp32 (fp64 for the float64 interpreter oracle) for backward (and the feed-forward's
-fused-norm prologue, which runs it with ``STORE_Y=False``).
+``_frame_norm_fwd_kernel`` also stores mean/rstd (B, C, W) fp32 (fp64 for the float64 interpreter oracle)
+for backward (and the feed-forward's fused-norm prologue, which runs it with ``STORE_Y=False``).
 
 ``_frame_norm_bwd_kernel``: per (b, c, frame-block), pass 1 reduces sum(g) and sum(g * xhat) with
 g = dy * weight, pass 2 writes dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); the same program writes

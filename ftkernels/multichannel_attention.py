@@ -20,9 +20,11 @@ Blocks (BM query frames x BN key frames), 4 warps, 2 stages: 64 x 64 for BLOCK_D
 64 x 32 (forward, dq) and 32 x 64 (dk/dv) so fp32 tiles fit sm_80's shared memory. Padded frames are
 masked (keys to -inf scores, padded query rows to zero probability in backward).
 
-Rotary is fused into the tile loads: cos/sin are computed in-kernel from the frame index
-(``tl.cos``/``tl.sin``, no tables, no libdevice) and each q/k tile is loaded twice, as-is and with the
-pair-partner permutation (column i ^ 1): rot[i] = x[i] cos(a) + sign(i) x[i ^ 1] sin(a), sign(even) = -1.
+Rotary is fused into the tile loads: each q/k tile is loaded twice, as-is and with the pair-partner
+permutation (column i ^ 1), and rotated as rot[i] = x[i] cos(a) + sign(i) x[i ^ 1] sin(a), sign(even) = -1,
+with cos/sin read from (frames, d / 2) tables computed once per shape from float64 angles (cached; a few
+KiB that stay in L2). Table loads replace per-tile ``tl.cos``/``tl.sin``: the K tiles are re-rotated for
+every query block, and full-range trig on the CUDA cores would compete with the tensor-core dots.
 Rotated tiles are cast back to the input dtype before tl.dot (as the reference rotates in that dtype).
 
 ``_mca_fwd_kernel``   FlashAttention-2 forward: one program per query block loops over all key blocks
@@ -42,6 +44,7 @@ the test oracle); accumulators are fp32 (fp64 for fp64 inputs).
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import List, Optional, Tuple
@@ -76,24 +79,18 @@ def _blocks(block_d: int, kernel: str = "fwd") -> Tuple[int, int, int, int]:
 
 
 @triton.jit
-def _inv_freq(two_i, d, dt: tl.constexpr):
-    """theta^(-2i/d), theta = 10000, in fp32 (fp64 when dt is fp64)."""
-    zero = tl.zeros([1], dtype=tl.float32) + tl.zeros([1], dtype=dt)  # fp32, or fp64 for fp64
-    lt = tl.log2(zero + 10000.0)
-    return tl.exp2((two_i.to(tl.float32) + zero[:, None]) * (-lt[:, None]) / d)
-
-
-@triton.jit
 def _head_base(b, c, h, D, s_b, s_c, s_f):
     """Element offset of head h's first feature in (batch b, channel c): features [h*D, (h+1)*D)."""
     return b.to(tl.int64) * s_b + c.to(tl.int64) * s_c + (h * D).to(tl.int64) * s_f
 
 
 @triton.jit
-def _rot_tile(x_ptr, base, offs_d, offs_w, s_f, s_w, mask, d, ROTARY: tl.constexpr, FRAMES_FIRST: tl.constexpr):
+def _rot_tile(x_ptr, base, offs_d, offs_w, s_f, s_w, mask, d, cos_f32_ptr, sin_f32_ptr, ROTARY: tl.constexpr,
+              FRAMES_FIRST: tl.constexpr):
     """Load a (frames, BLOCK_D) tile (FRAMES_FIRST) or its transpose (BLOCK_D, frames), rotary applied.
 
-    Element (w, i) sits at base + i * s_f + w * s_w. Returns the tile in x's dtype.
+    Element (w, i) sits at base + i * s_f + w * s_w; cos/sin of pair i // 2 at frame w are entry
+    w * (d // 2) + i // 2 of the (frames, d // 2) tables. Returns the tile in x's dtype.
     """
     if FRAMES_FIRST:
         dd = offs_d[None, :]
@@ -105,22 +102,26 @@ def _rot_tile(x_ptr, base, offs_d, offs_w, s_f, s_w, mask, d, ROTARY: tl.constex
     if ROTARY:
         # pair partner i ^ 1 (same mask: d is even); rotation math in fp32 (fp64 for fp64 inputs)
         xp = tl.load(x_ptr + base + (dd ^ 1) * s_f + ww * s_w, mask=mask, other=0.0)
-        ang = ww.to(tl.float32) * _inv_freq((dd // 2) * 2, d, x_ptr.dtype.element_ty)
+        t = ww * (d // 2) + dd // 2
+        cs = tl.load(cos_f32_ptr + t, mask=mask, other=1.0)
+        sn = tl.load(sin_f32_ptr + t, mask=mask, other=0.0)
         sign = tl.where((dd % 2) == 0, -1.0, 1.0)
-        x = (x * tl.cos(ang) + sign * xp * tl.sin(ang)).to(x_ptr.dtype.element_ty)
+        x = (x * cs + sign * xp * sn).to(x_ptr.dtype.element_ty)
     return x
 
 
 @triton.jit
-def _unrot(acc, offs_w, d, ROTARY: tl.constexpr, BW: tl.constexpr, BLOCK_D: tl.constexpr):
+def _unrot(acc, offs_w, d, W, cos_f32_ptr, sin_f32_ptr, ROTARY: tl.constexpr, BW: tl.constexpr,
+           BLOCK_D: tl.constexpr):
     """Apply the inverse rotation (angle -a) to a (BW, BLOCK_D) gradient w.r.t. the rotated tile."""
     if ROTARY:
         x = tl.reshape(acc, (BW, BLOCK_D // 2, 2))
         x0, x1 = tl.split(x)
         j = tl.arange(0, BLOCK_D // 2)
-        ang = offs_w[:, None].to(tl.float32) * _inv_freq(j[None, :] * 2, d, acc.dtype)
-        cs = tl.cos(ang)
-        sn = tl.sin(ang)
+        t = offs_w[:, None] * (d // 2) + j[None, :]
+        m = (offs_w[:, None] < W) & (j[None, :] < d // 2)
+        cs = tl.load(cos_f32_ptr + t, mask=m, other=1.0)
+        sn = tl.load(sin_f32_ptr + t, mask=m, other=0.0)
         y0 = x0 * cs + x1 * sn
         y1 = x1 * cs - x0 * sn
         acc = tl.reshape(tl.join(y0, y1), (BW, BLOCK_D))
@@ -128,7 +129,7 @@ def _unrot(acc, offs_w, d, ROTARY: tl.constexpr, BW: tl.constexpr, BLOCK_D: tl.c
 
 
 @triton.jit
-def _mca_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_f32_ptr, C, H, D, WQ, WK, qk_scale,
+def _mca_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_f32_ptr, cos_f32_ptr, sin_f32_ptr, C, H, D, WQ, WK, qk_scale,
                     s_qb, s_qc, s_qf, s_qw, s_kb, s_kc, s_kf, s_kw, s_vb, s_vc, s_vf, s_vw,
                     s_ob, s_oc, s_of, s_ow,
                     ROTARY: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -148,7 +149,8 @@ def _mca_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_f32_ptr, C, H, D, WQ, WK, qk
     q_base = _head_base(b, c, h, D, s_qb, s_qc, s_qf)
     k_base = _head_base(b, c, h, D, s_kb, s_kc, s_kf)
     v_base = _head_base(b, c, h, D, s_vb, s_vc, s_vf)
-    q = _rot_tile(q_ptr, q_base, offs_d, offs_m, s_qf, s_qw, mask_m[:, None] & mask_d[None, :], D, ROTARY, True)
+    q = _rot_tile(q_ptr, q_base, offs_d, offs_m, s_qf, s_qw, mask_m[:, None] & mask_d[None, :], D, cos_f32_ptr,
+                  sin_f32_ptr, ROTARY, True)
 
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32) + zero
     l_i = tl.zeros([BM], dtype=tl.float32) + zero
@@ -156,7 +158,8 @@ def _mca_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_f32_ptr, C, H, D, WQ, WK, qk
     for n0 in range(0, WK, BN):
         offs_n = n0 + tl.arange(0, BN)
         mask_n = offs_n < WK
-        kt = _rot_tile(k_ptr, k_base, offs_d, offs_n, s_kf, s_kw, mask_d[:, None] & mask_n[None, :], D, ROTARY,
+        kt = _rot_tile(k_ptr, k_base, offs_d, offs_n, s_kf, s_kw, mask_d[:, None] & mask_n[None, :], D, cos_f32_ptr,
+                       sin_f32_ptr, ROTARY,
                        False)
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
         s = tl.where(mask_n[None, :], s, float("-inf"))
@@ -177,7 +180,8 @@ def _mca_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_f32_ptr, C, H, D, WQ, WK, qk
 
 
 @triton.jit
-def _mca_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_f32_ptr, delta_f32_ptr, dk_ptr, dv_ptr,
+def _mca_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_f32_ptr, delta_f32_ptr, cos_f32_ptr, sin_f32_ptr,
+                         dk_ptr, dv_ptr,
                          C, H, D, WQ, WK, qk_scale, scale,
                          s_qb, s_qc, s_qf, s_qw, s_kb, s_kc, s_kf, s_kw, s_vb, s_vc, s_vf, s_vw,
                          s_gb, s_gc, s_gf, s_gw, s_dkb, s_dkc, s_dkf, s_dkw, s_dvb, s_dvc, s_dvf, s_dvw,
@@ -200,7 +204,8 @@ def _mca_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_f32_ptr, delta_f32_ptr
     k_base = _head_base(b, c, h, D, s_kb, s_kc, s_kf)
     v_base = _head_base(b, c, h, D, s_vb, s_vc, s_vf)
     g_base = _head_base(b, c, h, D, s_gb, s_gc, s_gf)
-    k = _rot_tile(k_ptr, k_base, offs_d, offs_n, s_kf, s_kw, mask_nd, D, ROTARY, True)  # (BN, BLOCK_D)
+    k = _rot_tile(k_ptr, k_base, offs_d, offs_n, s_kf, s_kw, mask_nd, D, cos_f32_ptr, sin_f32_ptr, ROTARY,
+                  True)  # (BN, BLOCK_D)
     v = tl.load(v_ptr + v_base + offs_d[None, :] * s_vf + offs_n[:, None] * s_vw, mask=mask_nd, other=0.0)
     dk = tl.zeros([BN, BLOCK_D], dtype=tl.float32) + zero[:, None]
     dv = tl.zeros([BN, BLOCK_D], dtype=tl.float32) + zero[:, None]
@@ -209,7 +214,8 @@ def _mca_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_f32_ptr, delta_f32_ptr
         offs_m = m0 + tl.arange(0, BM)
         mask_m = offs_m < WQ
         mask_dm = mask_d[:, None] & mask_m[None, :]
-        qt = _rot_tile(q_ptr, q_base, offs_d, offs_m, s_qf, s_qw, mask_dm, D, ROTARY, False)  # (BLOCK_D, BM)
+        qt = _rot_tile(q_ptr, q_base, offs_d, offs_m, s_qf, s_qw, mask_dm, D, cos_f32_ptr, sin_f32_ptr, ROTARY,
+                       False)  # (BLOCK_D, BM)
         lse = tl.load(lse_f32_ptr + stat_base + offs_m, mask=mask_m, other=0.0)
         delta = tl.load(delta_f32_ptr + stat_base + offs_m, mask=mask_m, other=0.0)
         st = tl.dot(k, qt, input_precision=PRECISION) * qk_scale  # (BN, BM)
@@ -221,7 +227,7 @@ def _mca_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_f32_ptr, delta_f32_ptr
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BN, BM)
         dst = pt * (dpt - delta[None, :])
         dk += tl.dot(dst.to(dt), tl.trans(qt), input_precision=PRECISION)
-    dk = _unrot(dk * scale, offs_n, D, ROTARY, BN, BLOCK_D)
+    dk = _unrot(dk * scale, offs_n, D, WK, cos_f32_ptr, sin_f32_ptr, ROTARY, BN, BLOCK_D)
     dk_base = _head_base(b, c, h, D, s_dkb, s_dkc, s_dkf)
     dv_base = _head_base(b, c, h, D, s_dvb, s_dvc, s_dvf)
     tl.store(dk_ptr + dk_base + offs_d[None, :] * s_dkf + offs_n[:, None] * s_dkw, dk.to(dt), mask=mask_nd)
@@ -229,7 +235,7 @@ def _mca_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_f32_ptr, delta_f32_ptr
 
 
 @triton.jit
-def _mca_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_f32_ptr, delta_f32_ptr, dq_ptr,
+def _mca_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_f32_ptr, delta_f32_ptr, cos_f32_ptr, sin_f32_ptr, dq_ptr,
                        C, H, D, WQ, WK, qk_scale, scale,
                        s_qb, s_qc, s_qf, s_qw, s_kb, s_kc, s_kf, s_kw, s_vb, s_vc, s_vf, s_vw,
                        s_gb, s_gc, s_gf, s_gw, s_dqb, s_dqc, s_dqf, s_dqw,
@@ -252,7 +258,8 @@ def _mca_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_f32_ptr, delta_f32_ptr, 
     k_base = _head_base(b, c, h, D, s_kb, s_kc, s_kf)
     v_base = _head_base(b, c, h, D, s_vb, s_vc, s_vf)
     g_base = _head_base(b, c, h, D, s_gb, s_gc, s_gf)
-    q = _rot_tile(q_ptr, q_base, offs_d, offs_m, s_qf, s_qw, mask_md, D, ROTARY, True)  # (BM, BLOCK_D)
+    q = _rot_tile(q_ptr, q_base, offs_d, offs_m, s_qf, s_qw, mask_md, D, cos_f32_ptr, sin_f32_ptr, ROTARY,
+                  True)  # (BM, BLOCK_D)
     do = tl.load(do_ptr + g_base + offs_d[None, :] * s_gf + offs_m[:, None] * s_gw, mask=mask_md, other=0.0)
     stat = (b * C * H + ch).to(tl.int64) * WQ + offs_m
     lse = tl.load(lse_f32_ptr + stat, mask=mask_m, other=0.0)
@@ -262,7 +269,8 @@ def _mca_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_f32_ptr, delta_f32_ptr, 
         offs_n = n0 + tl.arange(0, BN)
         mask_n = offs_n < WK
         mask_dn = mask_d[:, None] & mask_n[None, :]
-        kt = _rot_tile(k_ptr, k_base, offs_d, offs_n, s_kf, s_kw, mask_dn, D, ROTARY, False)  # (BLOCK_D, BN)
+        kt = _rot_tile(k_ptr, k_base, offs_d, offs_n, s_kf, s_kw, mask_dn, D, cos_f32_ptr, sin_f32_ptr, ROTARY,
+                       False)  # (BLOCK_D, BN)
         vt = tl.load(v_ptr + v_base + offs_d[:, None] * s_vf + offs_n[None, :] * s_vw, mask=mask_dn, other=0.0)
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
         p = tl.exp2(s - lse[:, None])
@@ -270,7 +278,7 @@ def _mca_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_f32_ptr, delta_f32_ptr, 
         dp = tl.dot(do, vt, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(dt), tl.trans(kt), input_precision=PRECISION)
-    dq = _unrot(dq * scale, offs_m, D, ROTARY, BM, BLOCK_D)
+    dq = _unrot(dq * scale, offs_m, D, WQ, cos_f32_ptr, sin_f32_ptr, ROTARY, BM, BLOCK_D)
     dq_base = _head_base(b, c, h, D, s_dqb, s_dqc, s_dqf)
     tl.store(dq_ptr + dq_base + offs_d[None, :] * s_dqf + offs_m[:, None] * s_dqw, dq.to(dt), mask=mask_md)
 
@@ -283,6 +291,20 @@ def _block_d(d: int) -> int:
     return max(16, common.next_pow2(d))
 
 
+@functools.lru_cache(maxsize=64)
+def _rotary_tables(frames: int, d: int, device: torch.device, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """cos, sin (frames, d // 2) of the rotary angles, from float64 angles; fp32 (fp64 for the fp64 oracle)."""
+    ang = reference.rotary_angles(frames, d, device)
+    return ang.cos().to(common.stats_dtype(dtype)).contiguous(), ang.sin().to(common.stats_dtype(dtype)).contiguous()
+
+
+def _tables(q: Tensor, k: Tensor, d: int, rotary: bool) -> Tuple[Tensor, Tensor]:
+    if not rotary:
+        dummy = torch.empty(1, device=q.device, dtype=common.stats_dtype(q.dtype))
+        return dummy, dummy
+    return _rotary_tables(max(q.shape[3], k.shape[3]), d, q.device, q.dtype)
+
+
 def forward(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float, rotary: bool) -> Tuple[Tensor, Tensor]:
     """(out (B, C, F, Wq), lse (B, C, H, Wq) base-2 log-sum-exp, fp32)."""
     B, C, F, WQ = q.shape
@@ -293,7 +315,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float, rotar
     out = torch.empty((B, C, F, WQ), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, C, num_heads, WQ), device=q.device, dtype=common.stats_dtype(q.dtype))
     _mca_fwd_kernel[(triton.cdiv(WQ, BM), C * num_heads, B)](
-        q, k, v, out, lse, C, num_heads, D, WQ, WK, float(scale) * LOG2E,
+        q, k, v, out, lse, *_tables(q, k, D, rotary), C, num_heads, D, WQ, WK, float(scale) * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         ROTARY=bool(rotary), BM=BM, BN=BN, BLOCK_D=BD, PRECISION=PRECISION, num_warps=warps, num_stages=stages)
     return out, lse
@@ -310,15 +332,16 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
     dq = torch.empty((B, C, F, WQ), device=q.device, dtype=q.dtype)
     dk = torch.empty((B, C, F, WK), device=q.device, dtype=q.dtype)
     dv = torch.empty_like(dk)
+    tables = _tables(q, k, D, rotary)
     common_args = (C, num_heads, D, WQ, WK, float(scale) * LOG2E, float(scale),
                    *q.stride(), *k.stride(), *v.stride(), *do.stride())
     BM, BN, warps, stages = _blocks(BD, "dkdv")
     _mca_bwd_dkdv_kernel[(triton.cdiv(WK, BN), C * num_heads, B)](
-        q, k, v, do, lse, delta, dk, dv, *common_args, *dk.stride(), *dv.stride(), ROTARY=bool(rotary), BM=BM,
+        q, k, v, do, lse, delta, *tables, dk, dv, *common_args, *dk.stride(), *dv.stride(), ROTARY=bool(rotary), BM=BM,
         BN=BN, BLOCK_D=BD, PRECISION=PRECISION, num_warps=warps, num_stages=stages)
     BM, BN, warps, stages = _blocks(BD, "dq")
     _mca_bwd_dq_kernel[(triton.cdiv(WQ, BM), C * num_heads, B)](
-        q, k, v, do, lse, delta, dq, *common_args, *dq.stride(), ROTARY=bool(rotary), BM=BM, BN=BN, BLOCK_D=BD,
+        q, k, v, do, lse, delta, *tables, dq, *common_args, *dq.stride(), ROTARY=bool(rotary), BM=BM, BN=BN, BLOCK_D=BD,
         PRECISION=PRECISION, num_warps=warps, num_stages=stages)
     return dq, dk, dv
 

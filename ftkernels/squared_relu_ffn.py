@@ -1,6 +1,7 @@
 """Squared-ReLU feed-forward (Primer): linear2(relu(linear1(frame_norm(x)))**2) on multichannel linears.
 
-    x (B, C, F, W) -> norm -> linear1 (C -> C1, F -> H, optional depth-wise mix) -> relu^2 -> linear2 (C1 -> C2, H -> F2)
+    x (B, C, F, W) -> norm -> linear1 (C -> C1, F -> H, optional depth-wise mix) -> relu^2
+      -> linear2 (C1 -> C2, H -> F2)
 
 Fusions (kernels live in multichannel_linear.py and frame_norm.py):
 - forward: the frame norm is applied in linear1's prologue: a stats-only pass writes mean/rstd (B, C, W)
