@@ -17,7 +17,8 @@ the output / gradients are written straight into (B, C, F, W) tensors. Grid (fra
 Head dims 1..128 are padded to ``BLOCK_D = max(16, next_pow2(d))`` (the tl.dot minimum is 16) with
 masked loads (zeros in the pad columns contribute nothing to the dot products, pad columns are not stored).
 Blocks (BM query frames x BN key frames), 4 warps, 2 stages: 64 x 64 for BLOCK_D <= 64; for BLOCK_D = 128
-64 x 32 (forward, dq) and 32 x 64 (dk/dv) so fp32 tiles fit sm_80's shared memory. Padded frames are
+64 x 32 (forward, dq) and 32 x 64 (dk/dv), and in fp32 32 x 32 (dq) and 16 x 64 (dk/dv), so the tiles fit
+sm_80's shared memory (``_blocks``; the compile gate checks every one). Padded frames are
 masked (keys to -inf scores, padded query rows to zero probability in backward).
 
 Rotary is fused into the tile loads: each q/k tile is loaded twice, as-is and with the pair-partner
@@ -65,16 +66,20 @@ MAX_HEAD_DIM = 128
 BLOCK_DS = (16, 32, 64, 128)
 
 
-def _blocks(block_d: int, kernel: str = "fwd") -> Tuple[int, int, int, int]:
+def _blocks(block_d: int, kernel: str = "fwd", fp32: bool = False) -> Tuple[int, int, int, int]:
     """(BM, BN, num_warps, num_stages) of a kernel ("fwd", "dkdv", "dq") for a padded head dim.
 
     BLOCK_D = 128 takes smaller frame blocks so fp32 tiles fit sm_80's shared memory (the dk/dv kernel
-    keeps K, V and two accumulators resident and streams (BM x 128) Q and dO tiles).
+    keeps K, V and two accumulators resident and streams (BM x 128) Q and dO tiles). In fp32 with rotary
+    the half-precision blocks need 172 KB of sm_80's 163 KB, so fp32 takes 16-row (dk/dv) and 32-row (dq)
+    blocks (119 KB and 135 KB).
     """
     if block_d <= 64:
         return 64, 64, 4, 2
     if kernel == "dkdv":
-        return 32, 64, 4, 2
+        return (16 if fp32 else 32), 64, 4, 2
+    if kernel == "dq" and fp32:
+        return 32, 32, 4, 2
     return 64, 32, 4, 2
 
 
@@ -335,11 +340,11 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
     tables = _tables(q, k, D, rotary)
     common_args = (C, num_heads, D, WQ, WK, float(scale) * LOG2E, float(scale),
                    *q.stride(), *k.stride(), *v.stride(), *do.stride())
-    BM, BN, warps, stages = _blocks(BD, "dkdv")
+    BM, BN, warps, stages = _blocks(BD, "dkdv", q.dtype in (torch.float32, torch.float64))
     _mca_bwd_dkdv_kernel[(triton.cdiv(WK, BN), C * num_heads, B)](
         q, k, v, do, lse, delta, *tables, dk, dv, *common_args, *dk.stride(), *dv.stride(), ROTARY=bool(rotary), BM=BM,
         BN=BN, BLOCK_D=BD, PRECISION=PRECISION, num_warps=warps, num_stages=stages)
-    BM, BN, warps, stages = _blocks(BD, "dq")
+    BM, BN, warps, stages = _blocks(BD, "dq", q.dtype in (torch.float32, torch.float64))
     _mca_bwd_dq_kernel[(triton.cdiv(WQ, BM), C * num_heads, B)](
         q, k, v, do, lse, delta, *tables, dq, *common_args, *dq.stride(), ROTARY=bool(rotary), BM=BM, BN=BN, BLOCK_D=BD,
         PRECISION=PRECISION, num_warps=warps, num_stages=stages)
@@ -500,7 +505,7 @@ def compile_specializations() -> List[Specialization]:
                 for kernel, name, floats in (("fwd", "_mca_fwd_kernel", floats_fwd),
                                              ("dkdv", "_mca_bwd_dkdv_kernel", floats_bwd),
                                              ("dq", "_mca_bwd_dq_kernel", floats_bwd)):
-                    BM, BN, warps, stages = _blocks(bd, kernel)
+                    BM, BN, warps, stages = _blocks(bd, kernel, dt == "fp32")
                     cx = dict(ROTARY=rot, BM=BM, BN=BN, BLOCK_D=bd, PRECISION=PRECISION)
                     out.append(spec(__name__, name, dt, cx, floats=floats, num_warps=warps, num_stages=stages))
     return out

@@ -115,8 +115,8 @@ def _positionwise_kernel(w_ptr, x_ptr, bias_ptr, out_ptr, mul_ptr, mean_f32_ptr,
 def _positionwise_mix_kernel(w_ptr, x_ptr, bias_ptr, mix_ptr, mix_bias_ptr, out_ptr, mean_f32_ptr, rstd_f32_ptr,
                              gamma_ptr, beta_ptr, C_in, C_out, M, N, K, s_wc, s_wm, s_wk, s_xb, s_xc, s_xk, s_xn,
                              s_mo, s_mc, s_ob, s_oc, s_om, s_on, s_sb, s_sc, s_gc,
-                             HAS_NORM: tl.constexpr, ACTIVATION: tl.constexpr, BO: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                             BK: tl.constexpr, PRECISION: tl.constexpr):
+                             HAS_NORM: tl.constexpr, ACTIVATION: tl.constexpr, BO: tl.constexpr,
+                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
     """Fused position-wise + channel mix for C_out <= BO; grid (m-tiles * n-tiles, 1, B)."""
     ACC: tl.constexpr = tl.float64 if w_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
@@ -322,8 +322,8 @@ def channel_mix(y: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, act
     mul = sqrelu_grad_of if sqrelu_grad_of is not None else out
     grid = (triton.cdiv(M, BM) * triton.cdiv(F * W, BN), 1, B)
     _channel_mix_kernel[grid](
-        weight, y, bias if bias is not None else _zeros(y, M), out, mul, M, F * W, K, F, W, *weight.stride(), *y.stride(),
-        *out.stride(), *mul.stride(), ACTIVATION=activation,
+        weight, y, bias if bias is not None else _zeros(y, M), out, mul, M, F * W, K, F, W, *weight.stride(),
+        *y.stride(), *out.stride(), *mul.stride(), ACTIVATION=activation,
         MUL_SQRELU_GRAD=sqrelu_grad_of is not None, BM=BM, BN=BN, BK=BK, PRECISION=PRECISION,
         num_warps=4)
     return out
