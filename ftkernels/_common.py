@@ -114,16 +114,9 @@ def autocast_inputs(*tensors):
 # ----------------------------------------------------------------------------------------------
 # kernel-side helpers
 
-TL_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
-
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def dot_block(n: int, lo: int = 16, hi: int = 64) -> int:
-    """Block size for a tl.dot dimension: a power of two in [lo, hi] (tl.dot needs >= 16)."""
-    return max(lo, min(hi, next_pow2(n)))
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
