@@ -36,8 +36,9 @@ BF, BW = 32, 64  # feature chunk x frame block
 @triton.jit
 def _frame_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_f32_ptr, rstd_f32_ptr, C, F, W, eps,
                            s_xb, s_xc, s_xf, s_xw, s_yb, s_yc, s_yf, s_yw,
-                           STORE_Y: tl.constexpr, BF: tl.constexpr, BW: tl.constexpr):
-    """grid (W-blocks, C, B); weight/bias (C, F) contiguous; mean/rstd (B, C, W) contiguous fp32."""
+                           STORE_Y: tl.constexpr, LOAD_STATS: tl.constexpr, BF: tl.constexpr, BW: tl.constexpr):
+    """grid (W-blocks, C, B); weight/bias (C, F) contiguous; mean/rstd (B, C, W) contiguous fp32, computed and
+    stored, or with LOAD_STATS read from an earlier pass (the feed-forward's backward re-normalising x)."""
     ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid_w = tl.program_id(0)
     c = tl.program_id(1)
@@ -45,23 +46,27 @@ def _frame_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_f32_ptr, rstd_f32_pt
     offs_w = pid_w * BW + tl.arange(0, BW)
     mask_w = offs_w < W
     x_base = x_ptr + b.to(tl.int64) * s_xb + c.to(tl.int64) * s_xc + offs_w[None, :] * s_xw
-    acc = tl.zeros((BW,), dtype=ACC)
-    for f0 in range(0, F, BF):
-        offs_f = f0 + tl.arange(0, BF)
-        m = (offs_f[:, None] < F) & mask_w[None, :]
-        acc += tl.sum(tl.load(x_base + offs_f[:, None] * s_xf, mask=m, other=0.0).to(ACC), axis=0)
-    mean = acc / F
-    acc = tl.zeros((BW,), dtype=ACC)
-    for f0 in range(0, F, BF):
-        offs_f = f0 + tl.arange(0, BF)
-        m = (offs_f[:, None] < F) & mask_w[None, :]
-        xc = tl.load(x_base + offs_f[:, None] * s_xf, mask=m, other=0.0).to(ACC) - mean[None, :]
-        xc = tl.where(m, xc, 0.0)
-        acc += tl.sum(xc * xc, axis=0)
-    rstd = 1.0 / tl.sqrt(acc / F + eps)
     stat = (b * C + c).to(tl.int64) * W + offs_w
-    tl.store(mean_f32_ptr + stat, mean, mask=mask_w)
-    tl.store(rstd_f32_ptr + stat, rstd, mask=mask_w)
+    if LOAD_STATS:
+        mean = tl.load(mean_f32_ptr + stat, mask=mask_w, other=0.0)
+        rstd = tl.load(rstd_f32_ptr + stat, mask=mask_w, other=0.0)
+    else:
+        acc = tl.zeros((BW,), dtype=ACC)
+        for f0 in range(0, F, BF):
+            offs_f = f0 + tl.arange(0, BF)
+            m = (offs_f[:, None] < F) & mask_w[None, :]
+            acc += tl.sum(tl.load(x_base + offs_f[:, None] * s_xf, mask=m, other=0.0).to(ACC), axis=0)
+        mean = acc / F
+        acc = tl.zeros((BW,), dtype=ACC)
+        for f0 in range(0, F, BF):
+            offs_f = f0 + tl.arange(0, BF)
+            m = (offs_f[:, None] < F) & mask_w[None, :]
+            xc = tl.load(x_base + offs_f[:, None] * s_xf, mask=m, other=0.0).to(ACC) - mean[None, :]
+            xc = tl.where(m, xc, 0.0)
+            acc += tl.sum(xc * xc, axis=0)
+        rstd = 1.0 / tl.sqrt(acc / F + eps)
+        tl.store(mean_f32_ptr + stat, mean, mask=mask_w)
+        tl.store(rstd_f32_ptr + stat, rstd, mask=mask_w)
     if STORE_Y:
         y_base = y_ptr + b.to(tl.int64) * s_yb + c.to(tl.int64) * s_yc + offs_w[None, :] * s_yw
         for f0 in range(0, F, BF):
@@ -134,16 +139,21 @@ def _affine(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tupl
     return w, b
 
 
-def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-            store_y: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
-    """(y or an empty tensor, mean (B, C, W) fp32, rstd (B, C, W) fp32)."""
+def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, store_y: bool = True,
+            saved_stats: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """(y or an empty tensor, mean (B, C, W) fp32, rstd (B, C, W) fp32); ``saved_stats`` = (mean, rstd) from
+    an earlier pass skips the two reduction passes (one read of x instead of three)."""
     B, C, F, W = x.shape
     w, b = _affine(x, weight, bias)
     y = torch.empty_like(x, memory_format=torch.contiguous_format) if store_y else x
-    mean = torch.empty((B, C, W), device=x.device, dtype=common.stats_dtype(x.dtype))
-    rstd = torch.empty_like(mean)
+    if saved_stats is not None:
+        mean, rstd = saved_stats
+    else:
+        mean = torch.empty((B, C, W), device=x.device, dtype=common.stats_dtype(x.dtype))
+        rstd = torch.empty_like(mean)
     _frame_norm_fwd_kernel[(triton.cdiv(W, BW), C, B)](
-        x, w, b, y, mean, rstd, C, F, W, eps, *x.stride(), *y.stride(), STORE_Y=store_y, BF=BF, BW=BW, num_warps=4)
+        x, w, b, y, mean, rstd, C, F, W, eps, *x.stride(), *y.stride(), STORE_Y=store_y, LOAD_STATS=saved_stats is not None,
+        BF=BF, BW=BW, num_warps=4)
     return (y if store_y else x.new_empty(0)), mean, rstd
 
 
@@ -153,8 +163,7 @@ def stats(x: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
     return mean, rstd
 
 
-def backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
-             need_weight_grads: bool = True) -> List[Optional[Tensor]]:
+def backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor) -> List[Tensor]:
     """[dx, dweight (C, F), dbias (C, F)]."""
     B, C, F, W = x.shape
     w, _ = _affine(x, weight, None)
@@ -164,8 +173,6 @@ def backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd
     db_part = torch.empty_like(dw_part)
     _frame_norm_bwd_kernel[(n_wb, C, B)](dy, x, w, mean, rstd, dx, dw_part, db_part, C, F, W, *dy.stride(),
                                          *x.stride(), *dx.stride(), BF=BF, BW=BW, num_warps=4)
-    if not need_weight_grads:
-        return [dx, None, None]
     return [dx, dw_part.sum(0).to(x.dtype), db_part.sum(0).to(x.dtype)]
 
 
@@ -268,8 +275,8 @@ class FrameNorm(nn.Module):
 def compile_specializations() -> List[Specialization]:
     out = []
     for dt in ("fp32", "fp16", "bf16"):
-        for store_y in (False, True):
-            out.append(spec(__name__, "_frame_norm_fwd_kernel", dt, dict(STORE_Y=store_y, BF=BF, BW=BW),
-                            floats=("eps",)))
+        for store_y, load_stats in ((False, False), (True, False), (True, True)):
+            out.append(spec(__name__, "_frame_norm_fwd_kernel", dt,
+                            dict(STORE_Y=store_y, LOAD_STATS=load_stats, BF=BF, BW=BW), floats=("eps",)))
         out.append(spec(__name__, "_frame_norm_bwd_kernel", dt, dict(BF=BF, BW=BW)))
     return out

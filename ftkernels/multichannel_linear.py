@@ -262,7 +262,7 @@ def _mix_blocks(C_out: int) -> Tuple[int, int, int, int]:
 _WG_BLOCKS = (32, 32, 32)
 
 
-def positionwise(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, out_dtype=None,
+def positionwise(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
                  activation: int = ACT_NONE, sqrelu_grad_of: Optional[Tensor] = None,
                  norm: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]] = None) -> Tensor:
     """out[b, c] = act(weight[c] @ norm(x[b, c]) + bias[c]); x (B, C, K, N), weight (C, M, K) any strides.
@@ -272,7 +272,7 @@ def positionwise(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, ou
     """
     B, C, K, N = x.shape
     M = weight.shape[1]
-    out = torch.empty((B, C, M, N), device=x.device, dtype=out_dtype or x.dtype)
+    out = torch.empty((B, C, M, N), device=x.device, dtype=x.dtype)
     BM, BN, BK = _gemm_blocks(M)
     dummy = _dummy_f32(x.device)
     mean, rstd, gamma, beta = norm if norm is not None else (dummy, dummy, x, x)
@@ -374,7 +374,7 @@ def forward(x: Tensor, weight_pw: Optional[Tensor], weight_dw: Optional[Tensor],
 
 
 def backward(grad: Tensor, x: Tensor, weight_pw: Optional[Tensor], weight_dw: Optional[Tensor],
-             bias_pw: Optional[Tensor], has_bias_pw: bool, has_bias_dw: bool, need_dx: bool = True,
+             bias_pw: Optional[Tensor], has_bias_pw: bool, has_bias_dw: bool,
              sqrelu_grad_of: Optional[Tensor] = None) -> List[Optional[Tensor]]:
     """[dx, d_weight_pw, d_weight_dw, d_bias_pw, d_bias_dw] (None where absent).
 
@@ -395,9 +395,8 @@ def backward(grad: Tensor, x: Tensor, weight_pw: Optional[Tensor], weight_dw: Op
                                    has_bias_dw, weight_dw.dtype)
         d_wdw = d_wdw[0]
         d_bdw = d_bdw[0] if d_bdw is not None else None
-        dy = channel_mix(grad, weight_dw.t(),
-                         sqrelu_grad_of=sqrelu_grad_of if weight_pw is None else None) if (
-            need_dx or weight_pw is not None) else None
+        # the squared-ReLU factor belongs to dx: here when the mix is the layer's last backward step
+        dy = channel_mix(grad, weight_dw.t(), sqrelu_grad_of=sqrelu_grad_of if weight_pw is None else None)
     if weight_pw is not None:
         C, F_out, F_in = weight_pw.shape
         # d_weight_pw[c] = sum_{b, w} dy[b, c] x[b, c]^T; k = (b, w)
@@ -405,11 +404,9 @@ def backward(grad: Tensor, x: Tensor, weight_pw: Optional[Tensor], weight_dw: Op
                                    (dy.stride(1), dy.stride(2), dy.stride(0), dy.stride(3)),
                                    (x.stride(1), x.stride(2), x.stride(0), x.stride(3)),
                                    has_bias_pw, weight_pw.dtype)
-        dx = positionwise(dy, weight_pw.transpose(1, 2), sqrelu_grad_of=sqrelu_grad_of) if need_dx else None
+        dx = positionwise(dy, weight_pw.transpose(1, 2), sqrelu_grad_of=sqrelu_grad_of)
     else:
         dx = dy
-        if weight_dw is None and sqrelu_grad_of is not None:
-            raise ValueError("multichannel linear needs weight_pw or weight_dw")
     return [dx, d_wpw, d_wdw, d_bpw, d_bdw]
 
 

@@ -10,7 +10,8 @@ Fusions (kernels live in multichannel_linear.py and frame_norm.py):
   pre-activation is never stored either; only h = relu(z)^2 is, which linear2's weight gradient needs anyway.
 - backward: relu^2's derivative 2*relu(z) = 2*sqrt(h) is recovered from the saved h, fused into the
   epilogue of the kernel that produces dh (linear2's dx): no pre-activation is saved or recomputed.
-  The normalised input for linear1's weight gradient is recomputed (one frame-norm pass) rather than saved.
+  The normalised input for linear1's weight gradient is recomputed from the saved statistics (one read of
+  x) rather than saved.
 Saved for backward: x, h, mean, rstd.
 """
 from __future__ import annotations
@@ -53,7 +54,7 @@ def backward(grad, x, h, mean, rstd, w1pw, w2pw, w1dw, b1pw, w2dw, b2pw, nw, nb,
     """Gradients in _PARAMS order after dx: [dx, dw1pw, dw2pw, dw1dw, db1pw, db1dw, dw2dw, db2pw, db2dw, dnw, dnb]."""
     dz, dw2pw, dw2dw, db2pw, db2dw = _mcl.backward(grad, h, w2pw, w2dw, b2pw, b2pw is not None, has_b2dw,
                                                    sqrelu_grad_of=h)
-    xn = _fn.forward(x, nw, nb, eps)[0] if norm else x
+    xn = _fn.forward(x, nw, nb, eps, saved_stats=(mean, rstd))[0] if norm else x
     dxn, dw1pw, dw1dw, db1pw, db1dw = _mcl.backward(dz, xn, w1pw, w1dw, b1pw, b1pw is not None, has_b1dw)
     dnw = dnb = None
     if norm:
