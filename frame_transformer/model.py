@@ -5,21 +5,43 @@ Layout: ``(B, C, F, W)`` = (batch, channels, frequency bins, frames). Every leve
 
     e_i = cat(enc_i(e_{i-1}), enc_i_transformer(enc_i(e_{i-1})))        (encoders; enc_0 keeps features)
     d_i = dec_i(d_{i+1}, e_i);  d_i = cat(d_i, dec_i_transformer(d_i, skip=e_i))
-    mask = sigmoid(out(d_0))                                         (depth-wise linear to in_channels)
+    logits = out(d_0);  mask = sigmoid(logits)                       (channel mix to in_channels)
 
-* :class:`ResBlock` - ``linear2(sqrelu(linear1(norm(x)))) + identity(x)`` on multichannel linears
-  (the squared-ReLU feed-forward op); the identity is a multichannel linear projection when channels or
-  features change. Downsampling is ``features -> features / 2`` inside the block's position-wise linears.
-* :class:`FrameDecoder` upsamples features x2 (bilinear along frequency only), concatenates the skip, ResBlock.
-* :class:`FrameTransformerEncoder` embeds the level's channels down to ``num_attention_maps[i]`` with a
-  depth-wise multichannel linear, then pre-norm multichannel attention + squared-ReLU feed-forward.
-* :class:`FrameTransformerDecoder` also attends to the (embedded) skip connection as memory.
+Two architectures share this wiring, the transformers' embeds, norms, feed-forwards and dropout
+(``ModelConfig.architecture``):
 
-The top STFT bin (``n_fft // 2``) is dropped at the input and padded back (replicating the last mask bin)
-at the output, so ``model(x)`` maps ``(B, in_channels, n_fft // 2 + 1, W)`` magnitudes to a mask of the same shape.
+``"v4"`` - the seed's published model, upstream ``frame_transformer_v4.py`` at c54fb14 (presets ``v4``,
+``v4-tiny``, ``v4-micro``; :mod:`frame_transformer.upstream` loads its checkpoints):
+
+* :class:`ConvResBlock` - ``identity(x) + conv2(relu(conv1(norm(x)))**2)``, 3x3 convs over (frequency, frames)
+  without bias; downsampling is stride (2, 1) on conv2 and on the identity, a 1x1 conv whenever the channels
+  change or it downsamples.
+* :class:`FrameConvAttention` - q, k, v are position-wise multichannel linears (no channel mix), each followed by
+  a depth-wise (1, 3) conv over frames with bias (Primer-EZ); rotary embedding from a stored frequency table;
+  position-wise out projection.
+* ``out`` has no bias; the Nyquist bin (``n_fft // 2``) gets mask 0.
+
+``"linear"`` - the all-linear network (presets ``linear`` = ``default``, ``tiny``, ``micro``):
+
+* :class:`ResBlock` - ``linear2(sqrelu(linear1(norm(x)))) + identity(x)`` on multichannel linears (the
+  squared-ReLU feed-forward op; a full F x F matrix per channel, no frame context); the identity is a
+  multichannel linear when channels or features change; downsampling ``F -> F / 2`` inside the linears.
+* :class:`~ftkernels.MultichannelMultiheadAttention` - q/k/v/out projections position-wise and depth-wise
+  (C x C channel mix), fixed rotary, no frame conv.
+* ``out`` has a bias; the top bin's mask copies bin ``n_fft // 2 - 1``.
+
+Shared: :class:`FrameDecoder` upsamples features x2 (bilinear along frequency), concatenates the skip, residual
+block. :class:`FrameTransformerEncoder` embeds the level's channels to ``num_attention_maps[i]`` (1x1 channel mix
+with bias), then pre-norm attention + squared-ReLU feed-forward; :class:`FrameTransformerDecoder` also attends
+to the embedded skip (memory). Attention scale 1/sqrt(features), as upstream.
+
+The top STFT bin is dropped at the input and put back at the output, so ``model(x)`` maps
+``(B, in_channels, n_fft // 2 + 1, W)`` magnitudes to a mask of the same shape; :meth:`FrameTransformer.forward_logits`
+is upstream's ``model(x)``: ``(B, in_channels, n_fft // 2, W)`` -> logits.
 
 Backend switch: ``FrameTransformer(..., backend=...)`` or :meth:`FrameTransformer.set_backend` set the backend
-of every ftkernels op module ("auto", "triton", "reference"); the state_dict is the same for all.
+of every ftkernels op module ("auto", "triton", "reference"); the state_dict is the same for all. The v4 convs
+are torch ``Conv2d``s (cuDNN on a GPU).
 """
 from __future__ import annotations
 
@@ -34,9 +56,11 @@ from torch import Tensor, nn
 from ftkernels import FrameNorm, MultichannelLinear, SquaredReLUFeedForward
 
 try:
-    from ftkernels import MultichannelMultiheadAttention
+    from ftkernels import MultichannelMultiheadAttention, multichannel_attention
 except ImportError:  # exported from the package once the attention op lands in __init__
-    from ftkernels.multichannel_attention import MultichannelMultiheadAttention
+    from ftkernels.multichannel_attention import MultichannelMultiheadAttention, multichannel_attention
+
+ARCHITECTURES = ("linear", "v4")
 
 
 @dataclasses.dataclass
@@ -45,12 +69,14 @@ class ModelConfig:
     channels: int = 8
     n_fft: int = 2048
     num_heads: int = 8
-    expansion: float = 4
+    expansion: float = 4  # transformer feed-forward hidden features = features * expansion
     num_attention_maps: List[int] = dataclasses.field(default_factory=lambda: [4, 6, 8, 12, 14, 16])
     channel_mults: List[int] = dataclasses.field(default_factory=lambda: [1, 2, 4, 6, 8, 10])
     num_levels: Optional[int] = None  # default: len(num_attention_maps)
     dropout: float = 0.1
-    block_expansion: Optional[float] = 1  # hidden features of the encoder/decoder residual blocks (None: expansion)
+    # hidden features of the "linear" architecture's residual blocks (None: expansion); v4's conv blocks have none
+    block_expansion: Optional[float] = 1
+    architecture: str = "linear"  # "linear" (the all-linear network) or "v4" (the seed's published model)
 
     def levels(self) -> int:
         return self.num_levels or len(self.num_attention_maps)
@@ -60,14 +86,25 @@ class ModelConfig:
 
 
 PRESETS = {
-    # the seed's defaults (n_fft 2048 -> 1024 bins, 6 levels)
-    "default": ModelConfig(),
-    # fast on CPU: n_fft 256 -> 128 bins, 4 levels (128, 64, 32, 16 features)
+    # the all-linear network: per-frame multichannel-linear residual blocks, n_fft 2048 -> 1024 bins, 6 levels
+    "linear": ModelConfig(),
+    "default": ModelConfig(),  # = "linear" (the name train.py and earlier checkpoints use)
+    # all-linear, fast on CPU: n_fft 256 -> 128 bins, 4 levels (128, 64, 32, 16 features)
     "tiny": ModelConfig(channels=4, n_fft=256, num_heads=2, expansion=2, num_attention_maps=[2, 2, 4, 4],
                         channel_mults=[1, 2, 3, 4], dropout=0.0, block_expansion=2),
-    # for the interpreter equivalence test: n_fft 64 -> 32 bins, 3 levels
+    # all-linear, for the interpreter equivalence test: n_fft 64 -> 32 bins, 3 levels
     "micro": ModelConfig(channels=2, n_fft=64, num_heads=2, expansion=2, num_attention_maps=[1, 2, 2],
                          channel_mults=[1, 2, 2], dropout=0.0, block_expansion=2),
+    # the seed's published model: frame_transformer_v4.py with channels 32, feedforward_expansion 4, num_heads 8,
+    # everything else upstream's default (n_fft 2048, 6 levels, dropout 0.1): 192,699,428 parameters
+    "v4": ModelConfig(architecture="v4", channels=32, expansion=4, num_heads=8, block_expansion=None),
+    # v4 architecture, upstream-compatible (6 levels, upstream's channel_mults), small enough for the CPU:
+    # n_fft 256 -> 128 bins (128 ... 4 features)
+    "v4-tiny": ModelConfig(architecture="v4", channels=4, n_fft=256, num_heads=2, expansion=2,
+                           num_attention_maps=[2, 2, 4, 4, 6, 6], dropout=0.0, block_expansion=None),
+    # v4 architecture for tests and the upstream golden file: n_fft 128 -> 64 bins (64 ... 2 features)
+    "v4-micro": ModelConfig(architecture="v4", channels=2, n_fft=128, num_heads=2, expansion=1,
+                            num_attention_maps=[1, 1, 2, 3, 2, 1], dropout=0.0, block_expansion=None),
 }
 
 
@@ -77,8 +114,13 @@ def preset(name: str, **overrides) -> ModelConfig:
     return dataclasses.replace(PRESETS[name], **overrides)
 
 
+# ----------------------------------------------------------------------------------------------
+# residual blocks
+
+
 class ResBlock(nn.Module):
-    """``ffn(x) + identity(x)``, ffn = linear2(sqrelu(linear1(norm(x)))) : (C_in, F_in) -> (C_out, F_out)."""
+    """All-linear: ``ffn(x) + identity(x)``, ffn = linear2(sqrelu(linear1(norm(x)))).
+    (B, C_in, F_in, W) -> (B, C_out, F_out, W)."""
 
     def __init__(self, in_channels: int, out_channels: int, in_features: int, out_features: int,
                  expansion: float = 2, backend: Optional[str] = None):
@@ -93,44 +135,173 @@ class ResBlock(nn.Module):
         return self.identity(x) + self.ffn(x)
 
 
+class ConvResBlock(nn.Module):
+    """v4: ``identity(x) + conv2(relu(conv1(norm(x)))**2)``. (B, C_in, F, W) -> (B, C_out, F / s, W).
+
+    conv1, conv2: 3x3 over (frequency, frames), zero padding 1, no bias; with ``downsample`` conv2 and the identity
+    have stride s = (2, 1). The identity is a 1x1 conv (no bias) whenever the channels change or it downsamples.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, features: int, downsample: bool = False,
+                 backend: Optional[str] = None):
+        super().__init__()
+        stride = (2, 1) if downsample else 1
+        self.norm = FrameNorm(in_channels, features, backend=backend)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, stride=stride, bias=False)
+        self.identity = (nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False)
+                         if in_channels != out_channels or downsample else nn.Identity())
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv2(torch.relu(self.conv1(self.norm(x))).square())
+        return self.identity(x) + h
+
+
 class FrameEncoder(nn.Module):
-    """Residual block; with ``downsample`` the features halve (frames untouched)."""
+    """Residual block on the level's input features; with ``downsample`` the features halve (frames untouched).
+    (B, C_in, F, W) -> (B, C_out, F or F / 2, W)."""
 
     def __init__(self, in_channels: int, out_channels: int, features: int, downsample: bool = True,
-                 expansion: float = 2, backend: Optional[str] = None):
+                 expansion: float = 2, architecture: str = "linear", backend: Optional[str] = None):
         super().__init__()
-        out_features = features // 2 if downsample else features
-        self.body = ResBlock(in_channels, out_channels, features, out_features, expansion, backend)
+        if architecture == "v4":
+            self.body = ConvResBlock(in_channels, out_channels, features, downsample, backend)
+        else:
+            out_features = features // 2 if downsample else features
+            self.body = ResBlock(in_channels, out_channels, features, out_features, expansion, backend)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.body(x)
 
 
 class FrameDecoder(nn.Module):
-    """Upsample features x2 (bilinear along frequency), concatenate the skip, residual block to out_channels."""
+    """Upsample features x2 (bilinear along frequency), concatenate the skip, residual block to out_channels.
+    (B, C_in, F / 2, W), skip (B, C_skip, F, W) -> (B, C_out, F, W)."""
 
     def __init__(self, in_channels: int, skip_channels: int, out_channels: int, features: int,
-                 expansion: float = 2, backend: Optional[str] = None):
+                 expansion: float = 2, architecture: str = "linear", backend: Optional[str] = None):
         super().__init__()
         self.features = features
-        self.body = ResBlock(in_channels + skip_channels, out_channels, features, features, expansion, backend)
+        if architecture == "v4":
+            self.body = ConvResBlock(in_channels + skip_channels, out_channels, features, backend=backend)
+        else:
+            self.body = ResBlock(in_channels + skip_channels, out_channels, features, features, expansion, backend)
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
         x = F.interpolate(x, size=(self.features, x.shape[-1]), mode="bilinear", align_corners=True)
         return self.body(torch.cat((x, skip), dim=1))
 
 
+# ----------------------------------------------------------------------------------------------
+# v4 attention
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary embedding over frames from a stored frequency table, as upstream's (rotary-embedding-torch).
+
+    ``freqs`` (head_dim // 2,) is a persistent buffer (checkpoints carry it), by default
+    ``1 / 10000 ** (2i / head_dim)`` computed in fp32. ``forward(x (B, C, F, W), num_heads)`` rotates the feature
+    pairs (2i, 2i+1) of every head (features [h*d, (h+1)*d)) by ``frame * freqs[i]``; angles in the table's dtype,
+    the rotation in fp32 or fp64 (upstream's numbers in both), returned in x's dtype.
+    """
+
+    def __init__(self, head_dim: int, theta: int = 10000):
+        super().__init__()
+        freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+        self.register_buffer("freqs", freqs)
+
+    def forward(self, x: Tensor, num_heads: int) -> Tensor:
+        B, C, Fe, W = x.shape
+        d, n = Fe // num_heads, self.freqs.numel()
+        if n == 0:
+            return x
+        angles = torch.arange(W, device=x.device, dtype=self.freqs.dtype)[:, None] * self.freqs  # (W, n)
+        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        angles = angles.to(dtype).t()  # (n, W)
+        cos, sin = angles.cos(), angles.sin()
+        h = x.to(dtype).reshape(B, C, num_heads, d, W)
+        pairs = h[:, :, :, : 2 * n].unflatten(3, (n, 2))  # (B, C, H, n, 2, W)
+        x0, x1 = pairs[:, :, :, :, 0], pairs[:, :, :, :, 1]
+        rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=4).flatten(3, 4)
+        if 2 * n < d:  # odd head dim: the last feature is not rotated
+            rotated = torch.cat((rotated, h[:, :, :, 2 * n:]), dim=3)
+        return rotated.reshape(B, C, Fe, W).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"head_dim_pairs={self.freqs.numel()}"
+
+
+class FrameConvProjection(nn.Module):
+    """Position-wise multichannel linear (no channel mix), then a depth-wise (1, 3) conv over frames with bias
+    (Primer-EZ). (B, C, F, W) -> (B, C, F, W)."""
+
+    def __init__(self, channels: int, features: int, kernel_size: int = 3, backend: Optional[str] = None):
+        super().__init__()
+        self.linear = MultichannelLinear(channels, channels, features, features, backend=backend)
+        self.conv = nn.Conv2d(channels, channels, kernel_size=(1, kernel_size), padding=(0, kernel_size // 2),
+                              groups=channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(self.linear(x))
+
+
+class FrameConvAttention(nn.Module):
+    """v4 multichannel multi-head attention. (B, C, F, W) [, mem (B, C, F, Wm)] -> (B, C, F, W).
+
+    q = rotary(q_proj(x)), k = rotary(k_proj(mem or x)), v = v_proj(mem or x), each projection a
+    :class:`FrameConvProjection`; softmax attention over frames per (channel, head), head h on features
+    [h*d, (h+1)*d), scale 1/sqrt(features); out_proj position-wise.
+    """
+
+    def __init__(self, channels: int, num_heads: int, features: int, backend: Optional[str] = None):
+        super().__init__()
+        if features % num_heads != 0:
+            raise ValueError(f"num_heads must divide features={features}, got {num_heads}")
+        self.channels, self.num_heads, self.features = channels, num_heads, features
+        self.scale = 1.0 / math.sqrt(features)
+        self.backend = backend
+        self.rotary_embedding = RotaryEmbedding(features // num_heads)
+        self.q_proj = FrameConvProjection(channels, features, backend=backend)
+        self.k_proj = FrameConvProjection(channels, features, backend=backend)
+        self.v_proj = FrameConvProjection(channels, features, backend=backend)
+        self.out_proj = MultichannelLinear(channels, channels, features, features, backend=backend)
+
+    def forward(self, x: Tensor, mem: Optional[Tensor] = None) -> Tensor:
+        src = x if mem is None else mem
+        q = self.rotary_embedding(self.q_proj(x), self.num_heads)
+        k = self.rotary_embedding(self.k_proj(src), self.num_heads)
+        a = multichannel_attention(q, k, self.v_proj(src), self.num_heads, self.scale, rotary=False,
+                                   backend=self.backend)
+        return self.out_proj(a)
+
+    def extra_repr(self) -> str:
+        return (f"channels={self.channels}, num_heads={self.num_heads}, features={self.features}, "
+                f"scale={self.scale:.4g}")
+
+
+def _attention(channels: int, num_heads: int, features: int, architecture: str, backend: Optional[str]):
+    if architecture == "v4":
+        return FrameConvAttention(channels, num_heads, features, backend=backend)
+    return MultichannelMultiheadAttention(channels, num_heads, features, scale=1.0 / math.sqrt(features),
+                                          backend=backend)
+
+
+# ----------------------------------------------------------------------------------------------
+# transformers
+
+
 class FrameTransformerEncoder(nn.Module):
-    """Depth-wise embed to ``out_channels`` maps, then pre-norm attention and squared-ReLU feed-forward."""
+    """Embed to ``out_channels`` maps (1x1 channel mix with bias), then pre-norm attention and squared-ReLU
+    feed-forward, dropout on both residual branches. (B, C_in, F, W) -> (B, out_channels, F, W)."""
 
     def __init__(self, in_channels: int, out_channels: int, features: int, num_heads: int = 8,
-                 expansion: float = 4, dropout: float = 0.1, backend: Optional[str] = None):
+                 expansion: float = 4, dropout: float = 0.1, architecture: str = "linear",
+                 backend: Optional[str] = None):
         super().__init__()
         self.embed = MultichannelLinear(in_channels, out_channels, features, features, positionwise=False,
                                         depthwise=True, bias=True, backend=backend)
         self.norm1 = FrameNorm(out_channels, features, backend=backend)
-        self.attn = MultichannelMultiheadAttention(out_channels, num_heads, features,
-                                                   scale=1.0 / math.sqrt(features), backend=backend)
+        self.attn = _attention(out_channels, num_heads, features, architecture, backend)
         self.ffn = SquaredReLUFeedForward(out_channels, features, expansion, depthwise=True, backend=backend)
         self.dropout = nn.Dropout(dropout)
 
@@ -141,22 +312,21 @@ class FrameTransformerEncoder(nn.Module):
 
 
 class FrameTransformerDecoder(nn.Module):
-    """Embed x and the skip, then self-attention, attention to the skip (memory), feed-forward; pre-norm."""
+    """Embed x and the skip, then self-attention, attention to the skip (memory), feed-forward; pre-norm.
+    (B, C_in, F, W), skip (B, C_skip, F, W) -> (B, out_channels, F, W)."""
 
     def __init__(self, in_channels: int, skip_channels: int, out_channels: int, features: int,
-                 num_heads: int = 8, expansion: float = 4, dropout: float = 0.1, backend: Optional[str] = None):
+                 num_heads: int = 8, expansion: float = 4, dropout: float = 0.1, architecture: str = "linear",
+                 backend: Optional[str] = None):
         super().__init__()
         self.embed_self = MultichannelLinear(in_channels, out_channels, features, features, positionwise=False,
                                              depthwise=True, bias=True, backend=backend)
         self.embed_skip = MultichannelLinear(skip_channels, out_channels, features, features, positionwise=False,
                                              depthwise=True, bias=True, backend=backend)
-        scale = 1.0 / math.sqrt(features)
         self.norm1 = FrameNorm(out_channels, features, backend=backend)
-        self.self_attn = MultichannelMultiheadAttention(out_channels, num_heads, features, scale=scale,
-                                                        backend=backend)
+        self.self_attn = _attention(out_channels, num_heads, features, architecture, backend)
         self.norm2 = FrameNorm(out_channels, features, backend=backend)
-        self.skip_attn = MultichannelMultiheadAttention(out_channels, num_heads, features, scale=scale,
-                                                        backend=backend)
+        self.skip_attn = _attention(out_channels, num_heads, features, architecture, backend)
         self.ffn = SquaredReLUFeedForward(out_channels, features, expansion, depthwise=True, backend=backend)
         self.dropout = nn.Dropout(dropout)
 
@@ -168,7 +338,13 @@ class FrameTransformerDecoder(nn.Module):
         return x + self.dropout(self.ffn(x))
 
 
+# ----------------------------------------------------------------------------------------------
+# the U-Net
+
+
 class FrameTransformer(nn.Module):
+    """The U-Net of the module docstring for a :class:`ModelConfig` (or its fields as keyword arguments)."""
+
     def __init__(self, config: Optional[ModelConfig] = None, backend: Optional[str] = None, **kwargs):
         super().__init__()
         if config is None:
@@ -177,6 +353,8 @@ class FrameTransformer(nn.Module):
             config = dataclasses.replace(config, **kwargs)
         self.config = config
         c = config
+        if c.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {c.architecture!r}")
         L = c.levels()
         if len(c.num_attention_maps) < L or len(c.channel_mults) < L:
             raise ValueError(f"{L} levels need {L} num_attention_maps and channel_mults, got "
@@ -192,8 +370,11 @@ class FrameTransformer(nn.Module):
             if f % c.num_heads:
                 raise ValueError(f"num_heads={c.num_heads} must divide every level's features {feats}")
         self.features, self.level_channels, self.maps = feats, chans, maps
-        kw = dict(expansion=c.block_expansion if c.block_expansion is not None else c.expansion, backend=backend)
-        tkw = dict(num_heads=c.num_heads, expansion=c.expansion, dropout=c.dropout, backend=backend)
+        arch = c.architecture
+        kw = dict(expansion=c.block_expansion if c.block_expansion is not None else c.expansion,
+                  architecture=arch, backend=backend)
+        tkw = dict(num_heads=c.num_heads, expansion=c.expansion, dropout=c.dropout, architecture=arch,
+                   backend=backend)
 
         self.encoders = nn.ModuleList()
         self.encoder_transformers = nn.ModuleList()
@@ -211,7 +392,7 @@ class FrameTransformer(nn.Module):
             self.decoder_transformers.append(FrameTransformerDecoder(chans[i], skip_ch, maps[i], feats[i], **tkw))
             in_ch = chans[i] + maps[i]
         self.out = MultichannelLinear(in_ch, c.in_channels, feats[0], feats[0], positionwise=False, depthwise=True,
-                                      bias=True, backend=backend)
+                                      bias=arch != "v4", backend=backend)
         self.backend = backend
 
     # ------------------------------------------------------------------------------------------
@@ -226,7 +407,7 @@ class FrameTransformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward_logits(self, x: Tensor) -> Tensor:
-        """(B, C, max_bin, W) -> (B, C, max_bin, W) mask logits."""
+        """(B, C, max_bin, W) magnitudes -> (B, C, max_bin, W) mask logits (upstream's ``model(x)``)."""
         skips = []
         h = x
         for enc, tr in zip(self.encoders, self.encoder_transformers):
@@ -241,14 +422,17 @@ class FrameTransformer(nn.Module):
         return self.out(h)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Magnitudes (B, in_channels, n_fft // 2 + 1, W) -> mask in [0, 1] of the same shape."""
+        """Magnitudes (B, in_channels, n_fft // 2 + 1, W) -> mask in [0, 1] of the same shape (the top bin's mask
+        is 0 for v4, a copy of the bin below for the linear architecture); (B, in_channels, n_fft // 2, W) -> mask
+        without the top bin."""
         if x.dim() != 4 or x.shape[1] != self.config.in_channels or x.shape[2] not in (self.max_bin, self.output_bin):
             raise ValueError(f"expected (B, {self.config.in_channels}, {self.output_bin}, W) magnitudes, "
                              f"got {tuple(x.shape)}")
         full = x.shape[2] == self.output_bin
         mask = torch.sigmoid(self.forward_logits(x[:, :, : self.max_bin]))
         if full:
-            mask = torch.cat((mask, mask[:, :, -1:]), dim=2)
+            top = torch.zeros_like(mask[:, :, -1:]) if self.config.architecture == "v4" else mask[:, :, -1:]
+            mask = torch.cat((mask, top), dim=2)
         return mask
 
 
