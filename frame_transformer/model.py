@@ -201,8 +201,8 @@ class RotaryEmbedding(nn.Module):
 
     ``freqs`` (head_dim // 2,) is a persistent buffer (checkpoints carry it), by default
     ``1 / 10000 ** (2i / head_dim)`` computed in fp32. ``forward(x (B, C, F, W), num_heads)`` rotates the feature
-    pairs (2i, 2i+1) of every head (features [h*d, (h+1)*d)) by ``frame * freqs[i]``; angles in the table's dtype,
-    the rotation in fp32 or fp64 (upstream's numbers in both), returned in x's dtype.
+    pairs (2i, 2i+1) of every head (features [h*d, (h+1)*d)) by ``frame * freqs[i]``; angles and rotation in
+    fp32, or fp64 for a float64 model or input (upstream's numbers in both), returned in x's dtype.
     """
 
     def __init__(self, head_dim: int, theta: int = 10000):
@@ -215,8 +215,9 @@ class RotaryEmbedding(nn.Module):
         d, n = Fe // num_heads, self.freqs.numel()
         if n == 0:
             return x
-        angles = torch.arange(W, device=x.device, dtype=self.freqs.dtype)[:, None] * self.freqs  # (W, n)
-        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        table = self.freqs.to(torch.promote_types(self.freqs.dtype, torch.float32))
+        angles = torch.arange(W, device=x.device, dtype=table.dtype)[:, None] * table  # (W, n)
+        dtype = torch.promote_types(x.dtype, torch.float32)
         angles = angles.to(dtype).t()  # (n, W)
         cos, sin = angles.cos(), angles.sin()
         h = x.to(dtype).reshape(B, C, num_heads, d, W)
