@@ -194,7 +194,7 @@ def run(a) -> int:
 
 
 def main(argv=None) -> int:
-    return separate.cli(run, build_parser(), PROG, argv)
+    return separate.cli(run, build_parser(), PROG, argv, interrupted="no scores written")
 
 
 if __name__ == "__main__":

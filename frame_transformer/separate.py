@@ -516,7 +516,8 @@ def run(a) -> int:
         parts.append(f"skipped {skipped} written by {PROG} (our own outputs)")
     if failed:
         parts.append(f"{len(failed)} failed: {', '.join(failed[:5])}{' ...' if len(failed) > 5 else ''}")
-    print("; ".join(parts), file=sys.stderr if failed else sys.stdout)
+    if os.path.isdir(a.input):  # a single file's line (or error) says it all
+        print("; ".join(parts), file=sys.stderr if failed else sys.stdout)
     return 1 if failed else 0
 
 
@@ -524,7 +525,8 @@ def _sigterm(signum, frame):
     raise KeyboardInterrupt
 
 
-def cli(run_fn: Callable, parser: argparse.ArgumentParser, prog: str, argv=None) -> int:
+def cli(run_fn: Callable, parser: argparse.ArgumentParser, prog: str, argv=None,
+        interrupted: str = "finished files are kept, the one in progress was removed") -> int:
     """Parse, run, and turn user errors and interrupts into one line on stderr and an exit code."""
     a = parser.parse_args(argv)
     old = signal.signal(signal.SIGTERM, _sigterm) if _main_thread() else None
@@ -534,7 +536,7 @@ def cli(run_fn: Callable, parser: argparse.ArgumentParser, prog: str, argv=None)
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; finished files are kept, the one in progress was removed", file=sys.stderr)
+        print(f"{prog}: interrupted; {interrupted}", file=sys.stderr)
         return 130
     finally:
         if old is not None:
