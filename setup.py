@@ -16,7 +16,16 @@ setup(
     ],
     extras_require={
         "audio": ["soundfile>=0.12", "tqdm>=4.60", "matplotlib>=3.6", "scipy>=1.10"],
+        "eval": ["soundfile>=0.12", "tqdm>=4.60", "matplotlib>=3.6", "scipy>=1.10", "museval>=0.4.1,<0.5"],
         "test": ["pytest>=7", "hypothesis>=6", "pytest-benchmark>=4", "rotary-embedding-torch>=0.5",
-                 "soundfile>=0.12", "tqdm>=4.60", "matplotlib>=3.6", "scipy>=1.10"],
+                 "soundfile>=0.12", "tqdm>=4.60", "matplotlib>=3.6", "scipy>=1.10", "museval>=0.4.1,<0.5"],
+    },
+    entry_points={
+        "console_scripts": [
+            "frame-transformer-train = frame_transformer.train:main",
+            "frame-transformer-separate = frame_transformer.separate:main",
+            "frame-transformer-evaluate = frame_transformer.evaluate:main",
+            "frame-transformer-convert = frame_transformer.convert:main",
+        ],
     },
 )

@@ -52,8 +52,171 @@ def resample(wave: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
         return wave
     from scipy.signal import resample_poly
 
+    up, down = _ratio(sr_in, sr_out)
+    return resample_poly(wave, up, down, axis=-1).astype(np.float32)
+
+
+def _ratio(sr_in: int, sr_out: int) -> Tuple[int, int]:
     g = math.gcd(int(sr_in), int(sr_out))
-    return resample_poly(wave, sr_out // g, sr_in // g, axis=-1).astype(np.float32)
+    return int(sr_out) // g, int(sr_in) // g
+
+
+def resampled_length(n: int, sr_in: int, sr_out: int) -> int:
+    """Samples that :func:`resample` (scipy's resample_poly) returns for ``n`` input samples."""
+    up, down = _ratio(sr_in, sr_out)
+    return -(-n * up // down)
+
+
+class StreamResampler:
+    """Polyphase resampling of a stream, block by block, in bounded memory.
+
+    ``push(block)`` takes the next ``(C, n)`` input samples and returns the ``(C, m)`` output samples that are now
+    final; ``flush()`` returns the rest. Concatenated, the outputs equal :func:`resample` (scipy's
+    ``resample_poly``, the same Kaiser-windowed FIR) of the whole signal up to float rounding, with the same
+    length ``ceil(n * sr_out / sr_in)``: each output range is computed from an input segment that starts on a
+    multiple of ``down`` (so the output grid lines up) and carries the filter's full support on both sides.
+    Memory: one block plus the filter's support (``10 * max(up, down) / up`` input samples each side).
+    """
+
+    def __init__(self, sr_in: int, sr_out: int, channels: int = 2):
+        from scipy.signal import firwin
+
+        self.up, self.down = _ratio(sr_in, sr_out)
+        self.channels = channels
+        half = 10 * max(self.up, self.down)                  # resample_poly's half filter length (upsampled rate)
+        self.h = (firwin(2 * half + 1, 1.0 / max(self.up, self.down), window=("kaiser", 5.0))
+                  if self.up != self.down else None)
+        self.pad = half // self.up + 2                        # filter support in input samples, each side
+        self.buf = np.zeros((channels, 0), dtype=np.float64)  # input samples [buf0, buf0 + buf.shape[1])
+        self.buf0 = 0
+        self.n_in = 0                                         # input samples pushed so far
+        self.n_out = 0                                        # output samples returned so far
+
+    def _segment_start(self, n0: int) -> int:
+        """Start (a multiple of down) of the input segment whose resampling covers output sample n0 and on."""
+        return self.down * ((n0 * self.down // self.up - self.pad) // self.down)
+
+    def _compute(self, n1: int) -> np.ndarray:
+        """Output samples [n_out, n1) from the buffer (zeros beyond the input pushed so far)."""
+        from scipy.signal import resample_poly
+
+        n0 = self.n_out
+        if n1 <= n0:
+            return np.zeros((self.channels, 0), dtype=np.float32)
+        s0 = self._segment_start(n0)
+        s1 = -(-(n1 - 1) * self.down // self.up) + self.pad + 1
+        seg = np.zeros((self.channels, s1 - s0), dtype=np.float64)
+        lo, hi = max(s0, self.buf0), min(s1, self.buf0 + self.buf.shape[1])
+        if hi > lo:
+            seg[:, lo - s0:hi - s0] = self.buf[:, lo - self.buf0:hi - self.buf0]
+        o0 = s0 * self.up // self.down
+        y = resample_poly(seg, self.up, self.down, axis=-1, window=self.h)[:, n0 - o0:n1 - o0]
+        self.n_out = n1
+        keep = self._segment_start(n1)                        # the next segment starts here: drop the rest
+        if keep > self.buf0:
+            self.buf = self.buf[:, min(keep - self.buf0, self.buf.shape[1]):]
+            self.buf0 = keep
+        return y.astype(np.float32)
+
+    def push(self, block: np.ndarray) -> np.ndarray:
+        block = np.asarray(block, dtype=np.float64).reshape(self.channels, -1)
+        self.buf = np.concatenate([self.buf, block], axis=1)
+        self.n_in += block.shape[1]
+        if self.up == self.down:
+            return self._passthrough()
+        # largest n1 whose input support [.., ceil((n1 - 1) * down / up) + pad] has been pushed
+        n1 = max(self.n_out, ((self.n_in - self.pad - 1) * self.up) // self.down)
+        return self._compute(n1)
+
+    def flush(self) -> np.ndarray:
+        if self.up == self.down:
+            return self._passthrough()
+        return self._compute(resampled_length(self.n_in, self.down, self.up))
+
+    def _passthrough(self) -> np.ndarray:
+        out, self.buf = self.buf.astype(np.float32), self.buf[:, :0]
+        self.buf0 = self.n_out = self.n_in
+        return out
+
+
+class AudioStream:
+    """Reads an audio file as stereo float32 ``(2, n)`` windows at ``sr`` (resampled while streaming).
+
+    ``read(start, length)`` returns samples ``[start, start + length)`` at ``sr``, zeros outside the song;
+    ``start`` must not decrease between calls (windows may overlap). Memory stays bounded by one block and the
+    largest window, whatever the file's length and rate. Raises :class:`AudioError` for unreadable files,
+    more than two channels, empty files and NaN/Inf samples.
+    """
+
+    def __init__(self, path: str, sr: Optional[int] = None, block: int = 1 << 16):
+        import soundfile as sf
+
+        self.path = path
+        try:
+            self.file = sf.SoundFile(path)
+        except Exception as e:
+            raise AudioError(f"cannot read {path!r} as audio ({_short(e)})") from None
+        try:
+            if self.file.channels > 2:
+                raise AudioError(f"{path!r}: expected mono or stereo audio, got {self.file.channels} channels")
+            if self.file.frames <= 0:
+                raise AudioError(f"audio file {path!r} is empty")
+        except AudioError:
+            self.file.close()
+            raise
+        self.file_sr = int(self.file.samplerate)
+        self.file_frames = int(self.file.frames)
+        self.sr = int(sr or self.file_sr)
+        self.length = resampled_length(self.file_frames, self.file_sr, self.sr)
+        self.block = block
+        self.resampler = StreamResampler(self.file_sr, self.sr) if self.sr != self.file_sr else None
+        self.buf = np.zeros((2, 0), dtype=np.float32)  # samples [buf0, buf0 + buf.shape[1]) at sr
+        self.buf0 = 0
+        self.eof = False
+
+    def _pull(self) -> None:
+        try:
+            x = self.file.read(self.block, dtype="float32", always_2d=True)
+        except Exception as e:
+            raise AudioError(f"error reading {self.path!r} ({_short(e)})") from None
+        if len(x) == 0:
+            self.eof = True
+            x = np.zeros((2, 0), np.float32)
+        else:
+            x = to_stereo(x.T)
+            if not np.all(np.isfinite(x)):
+                raise AudioError(f"audio file {self.path!r} contains NaN/Inf samples")
+        if self.resampler is not None:
+            x = self.resampler.flush() if self.eof else self.resampler.push(x)
+        self.buf = np.concatenate([self.buf, x], axis=1)
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        if max(start, 0) < self.buf0:  # those samples were dropped: reads must not go back
+            raise ValueError(f"AudioStream.read: start {start} is before the retained window ({self.buf0})")
+        while not self.eof and self.buf0 + self.buf.shape[1] < start + length:
+            self._pull()
+        out = np.zeros((2, length), dtype=np.float32)
+        lo, hi = max(start, self.buf0), min(start + length, self.buf0 + self.buf.shape[1], self.length)
+        if hi > lo:
+            out[:, lo - start:hi - start] = self.buf[:, lo - self.buf0:hi - self.buf0]
+        drop = max(0, min(start, self.buf0 + self.buf.shape[1]) - self.buf0)  # keep from start on
+        self.buf, self.buf0 = self.buf[:, drop:], self.buf0 + drop
+        return out
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _short(e: BaseException) -> str:
+    """An exception's message on one line, without libsndfile's 'Error opening ...:' prefix."""
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return msg.split(": ", 1)[-1] if msg.startswith("Error opening") else msg
 
 
 def load_audio(path: str, sr: Optional[int] = None, stereo: bool = True,

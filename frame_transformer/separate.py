@@ -1,23 +1,38 @@
-"""Separate songs into instruments and vocals with a trained FrameTransformer.
+r"""Separate songs into vocals and instruments with a trained FrameTransformer.
 
-    python -m frame_transformer.separate SONG_OR_FOLDER -o OUTDIR --checkpoint runs/demo/checkpoint.pt \
-        [--cropsize 256] [--padding 128] [--batch-size 4] [--tta] [--png] [--device cuda]
+examples:
+  frame-transformer-separate song.flac -c runs/demo/checkpoint.pt
+  frame-transformer-separate music/ -o stems/ -c runs/demo/checkpoint.pt --tta --png
+  python -m frame_transformer.separate song.flac -c runs/demo/checkpoint.pt    (the same, not installed)
 
-writes ``OUTDIR/<name>_Instruments.wav`` (mask * mixture) and ``OUTDIR/<name>_Vocals.wav`` ((1 - mask) * mixture),
-both with the mixture phase, so the two stems sum back to the mixture. A folder separates every audio file in it.
+outputs:
+  Every input FILE gives OUT/FILE_Vocals.wav and OUT/FILE_Instruments.wav, where FILE is the input's path
+  relative to the folder given (its file name for a single file), extension included: song.wav, song.flac and
+  sub/song.wav give song.wav_Vocals.wav, song.flac_Vocals.wav and sub/song.wav_Vocals.wav, so nothing collides.
+  Vocals are (1 - mask) * mixture with the mixture phase; instruments are mixture - vocals, so the two stems sum
+  to the input. Stems are written at the input's sample rate (--rate model: the checkpoint's). Content above the
+  model's band (half its sample rate) stays in the instruments.
 
-Songs are processed crop by crop in bounded memory: the audio is read in segments of ``cropsize`` frames
-(``cropsize * hop`` samples) plus ``padding`` frames of context (and one window of margin) on both sides; the
-model sees the whole padded crop, and only the centre samples are kept and written, so the output does not depend
-on where the crops fall apart from the model's context. ``--tta`` averages the mask with the one of the
-channel-swapped input. ``--png`` writes ``<name>_mask.png`` (mixture spectrogram and instrument mask).
+  Files are written under a temporary name in the same folder and renamed when complete: an interrupted run or a
+  full disk leaves no partial file under a final name. Our WAVs carry a software tag: a later run (for example
+  with -o inside the input folder) skips them as inputs, and an existing file we did not write is never replaced.
+  The exit code is 0 when every input was separated, 1 when any failed (the others are still separated), 130
+  when interrupted.
+
+method:
+  The song is read as a stream (resampled to the model's rate on the fly) in crops of --cropsize frames with
+  --padding frames of context (and one STFT window of margin) on both sides; the model sees the whole padded
+  crop and only the centre is kept, so memory stays bounded by the crop size whatever the song's length or rate.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
-from typing import Optional
+import signal
+import sys
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -25,58 +40,80 @@ import torch
 from frame_transformer import audio
 from frame_transformer.model import FrameTransformer, ModelConfig
 
+PROG = "frame-transformer-separate"
+TAG = "frame-transformer-separate"  # WAV software tag that marks our outputs
+STEMS = ("Vocals", "Instruments")
 
-def load_model(checkpoint: str, device="cpu", backend: Optional[str] = None):
-    """(model in eval mode, config dict with sr, n_fft, hop, cropsize) from a train.py checkpoint."""
-    ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+
+class UserError(Exception):
+    """A problem the user can fix (bad path, bad checkpoint, full disk): reported as one line, exit code 1."""
+
+
+class CheckpointError(UserError):
+    pass
+
+
+class WriteError(UserError):
+    """Writing an output failed (disk full, folder removed, ...): the run stops, finished files are kept."""
+
+
+# ---------------------------------------------------------------------------------------------- checkpoint
+def load_model(path: str, device="cpu", backend: Optional[str] = None):
+    """(model in eval mode on ``device``, config dict with sr, n_fft, hop, cropsize) from a checkpoint.
+
+    The one place that reads checkpoints (frame-transformer-train's format); a missing, corrupt or foreign file
+    raises :class:`CheckpointError` with a one-line message.
+    """
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "checkpoint.pt")):
+        path = os.path.join(path, "checkpoint.pt")  # a run folder
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path} (pass --checkpoint the checkpoint.pt that "
+                              "frame-transformer-train wrote to its --out folder)")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"--checkpoint {path} is a folder without a checkpoint.pt; pass the file")
+    try:
+        # train.py's checkpoints hold RNG states (numpy arrays), which weights_only=True refuses
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"cannot load checkpoint {path}: not a PyTorch checkpoint, or truncated "
+                              f"({audio._short(e)[:120]}); copy it again or pass another file") from None
+    if not isinstance(ck, dict) or not isinstance(ck.get("model"), dict) or not isinstance(ck.get("config"), dict):
+        raise CheckpointError(f"{path} is not a frame-transformer checkpoint (no 'model' and 'config' entries); "
+                              "convert an upstream checkpoint with frame-transformer-convert")
     cfg = ck["config"]
-    model = FrameTransformer(ModelConfig(**cfg["model"]), backend=backend)
-    model.load_state_dict(ck["model"])
+    missing = [k for k in ("model", "sr", "n_fft", "hop") if k not in cfg]
+    if missing:
+        raise CheckpointError(f"{path}: the checkpoint's config lacks {', '.join(missing)}; it was not written by "
+                              "frame-transformer-train (convert it with frame-transformer-convert)")
+    try:
+        model = FrameTransformer(ModelConfig(**cfg["model"]), backend=backend)
+        model.load_state_dict(ck["model"])
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{path} does not match this version's model ({audio._short(e)[:160]}); "
+                              "retrain or convert it") from None
     return model.to(device).eval(), cfg
 
 
-class _Reader:
-    """Reads (2, length) float32 windows of a file at any start (zeros outside the song)."""
+# ---------------------------------------------------------------------------------------------- separation core
+@dataclasses.dataclass
+class CropOptions:
+    """How a song is cut into model inputs: ``cropsize`` frames kept per crop, ``padding`` frames of context each
+    side (default cropsize // 2), ``batch_size`` crops per forward pass, ``tta`` channel-swap averaging."""
+    cropsize: int = 256
+    padding: Optional[int] = None
+    batch_size: int = 4
+    tta: bool = False
 
-    def __init__(self, path: str, sr: int):
-        import soundfile as sf
-
-        try:
-            self.f = sf.SoundFile(path)
-        except Exception as e:
-            raise audio.AudioError(f"cannot read audio file {path!r}: {e}") from e
-        self.data = None
-        if self.f.samplerate != sr:  # resampling needs the whole signal: load it once
-            self.data, _ = audio.load_audio(path, sr=sr)
-            self.f.close()
-            self.f = None
-            self.length = self.data.shape[1]
-        else:
-            self.length = self.f.frames
-            if self.f.channels > 2:
-                raise audio.AudioError(f"{path!r}: expected mono or stereo audio, got {self.f.channels} channels")
-
-    def read(self, start: int, length: int) -> np.ndarray:
-        out = np.zeros((2, length), dtype=np.float32)
-        lo, hi = max(0, start), min(self.length, start + length)
-        if hi <= lo:
-            return out
-        if self.data is not None:
-            chunk = self.data[:, lo:hi]
-        else:
-            self.f.seek(lo)
-            chunk = audio.to_stereo(self.f.read(hi - lo, dtype="float32", always_2d=True).T)
-        out[:, lo - start:lo - start + chunk.shape[1]] = chunk
-        return out
-
-    def close(self):
-        if self.f is not None:
-            self.f.close()
+    def geometry(self, n_fft: int, hop: int) -> Tuple[int, int]:
+        """(samples kept per crop, context samples each side = padding frames + one window of margin)."""
+        padding = self.cropsize // 2 if self.padding is None else self.padding
+        return self.cropsize * hop, (padding + math.ceil(n_fft / hop)) * hop
 
 
 @torch.no_grad()
 def predict_mask(model, mag: torch.Tensor, tta: bool = False) -> torch.Tensor:
-    """mag (B, 2, bins, W) -> mask; each crop normalised by its own max as in training."""
+    """mag (B, 2, bins, W) -> instrument mask in [0, 1], same shape; each crop normalised by its own max as in
+    training. ``tta`` averages with the prediction for the channel-swapped input."""
     scale = mag.flatten(1).amax(1).clamp_min(1e-8)[:, None, None, None]
     x = mag / scale
     mask = model(x)
@@ -85,128 +122,436 @@ def predict_mask(model, mag: torch.Tensor, tta: bool = False) -> torch.Tensor:
     return mask
 
 
-def separate_file(model, path: str, out_dir: str, sr: int, n_fft: int, hop: int, cropsize: int = 256,
-                  padding: Optional[int] = None, batch_size: int = 4, tta: bool = False, png: bool = False,
-                  device="cpu", progress: bool = True, subtype: str = "PCM_16"):
-    """Separate one file; returns (instruments_path, vocals_path)."""
+def separate_crops(model, waves: torch.Tensor, n_fft: int, hop: int, tta: bool = False, device="cpu"):
+    """waves (B, 2, N) padded mixture crops -> (vocals (B, 2, N), mag, mask (B, 2, bins, frames)).
+
+    vocals = iSTFT((1 - mask) * X) with the mixture's phase X."""
+    spec = audio.stft(waves, n_fft, hop)
+    mag = spec.abs()
+    mask = predict_mask(model, mag.to(device), tta).float().cpu()
+    vocals = audio.istft(spec * (1 - mask), n_fft, hop, length=waves.shape[-1])
+    return vocals, mag, mask
+
+
+def iter_vocals(model, stream: audio.AudioStream, n_fft: int, hop: int, opts: CropOptions, device="cpu",
+                on_crops: Optional[Callable] = None, on_batch: Optional[Callable[[int], None]] = None
+                ) -> Iterator[np.ndarray]:
+    """Yield the vocals at the stream's rate as (2, n) float32 blocks in order, ``stream.length`` samples in all.
+
+    ``on_crops(mag, mask, first_kept_frame)`` sees every batch (for pictures); ``on_batch(crops)`` counts progress."""
+    seg, margin = opts.geometry(n_fft, hop)
+    n_seg = max(1, math.ceil(stream.length / seg))
+    for b0 in range(0, n_seg, opts.batch_size):
+        idx = range(b0, min(n_seg, b0 + opts.batch_size))
+        waves = torch.from_numpy(np.stack([stream.read(k * seg - margin, seg + 2 * margin) for k in idx]))
+        vocals, mag, mask = separate_crops(model, waves, n_fft, hop, opts.tta, device)
+        if on_crops is not None:
+            on_crops(mag, mask, margin // hop)
+        for j, k in enumerate(idx):
+            n = min(seg, stream.length - k * seg)
+            if n > 0:
+                yield vocals[j, :, margin:margin + n].numpy()
+        if on_batch is not None:
+            on_batch(len(idx))
+
+
+def num_crops(stream_length: int, hop: int, opts: CropOptions) -> int:
+    return max(1, math.ceil(stream_length / (opts.cropsize * hop)))
+
+
+def iter_stems(model, path: str, cfg: dict, opts: CropOptions, device="cpu", rate: str = "input",
+               on_crops: Optional[Callable] = None, progress: bool = False
+               ) -> Iterator[Tuple[np.ndarray, np.ndarray, int]]:
+    """Separate ``path``; yield (vocals, instruments, sample rate) blocks, each (2, n) float32, in order.
+
+    ``rate="input"``: stems at the file's rate (the vocals resampled back from the model's rate while streaming);
+    ``"model"``: at the checkpoint's rate. The instruments are mixture - vocals at that rate, so the stems sum to
+    the mixture. Raises :class:`audio.AudioError` for files that cannot be read.
+    """
+    sr = int(cfg["sr"])
+    with audio.AudioStream(path, sr) as model_in:
+        out_sr = model_in.file_sr if rate == "input" else sr
+        with audio.AudioStream(path, out_sr) as mixture:
+            back = audio.StreamResampler(sr, out_sr) if out_sr != sr else None
+            total, pos = mixture.length, 0
+            bar = None
+            if progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=num_crops(model_in.length, cfg["hop"], opts),
+                           desc=os.path.basename(path)[:30], unit="crop", leave=False)
+
+            def emit(v):
+                nonlocal pos
+                v = v[:, :total - pos]
+                if v.shape[1]:
+                    yield v, mixture.read(pos, v.shape[1]) - v, out_sr
+                    pos += v.shape[1]
+
+            try:
+                for v in iter_vocals(model, model_in, cfg["n_fft"], cfg["hop"], opts, device, on_crops,
+                                     bar.update if bar is not None else None):
+                    yield from emit(back.push(v) if back is not None else v)
+                if back is not None:
+                    yield from emit(back.flush())
+                if pos < total:  # resampling rounds the length: the last sample(s) of the vocals are zero
+                    yield from emit(np.zeros((2, total - pos), np.float32))
+            finally:
+                if bar is not None:
+                    bar.close()
+
+
+# ---------------------------------------------------------------------------------------------- output files
+def output_paths(rel: str, out_dir: str) -> Dict[str, str]:
+    """Output files for the input at ``rel`` (its path relative to the input folder, extension included)."""
+    base = os.path.join(out_dir, rel)
+    return dict(vocals=f"{base}_Vocals.wav", instruments=f"{base}_Instruments.wav", png=f"{base}_mask.png")
+
+
+def written_by_us(path: str) -> bool:
+    """True when ``path`` is a WAV that this command wrote (its software tag)."""
     import soundfile as sf
 
-    padding = cropsize // 2 if padding is None else padding
-    name = os.path.splitext(os.path.basename(path))[0]
-    os.makedirs(out_dir, exist_ok=True)
-    inst_path = os.path.join(out_dir, f"{name}_Instruments.wav")
-    voc_path = os.path.join(out_dir, f"{name}_Vocals.wav")
-    reader = _Reader(path, sr)
-    seg = cropsize * hop                        # samples kept per crop
-    margin = (padding + math.ceil(n_fft / hop)) * hop  # context + one window each side
-    n_seg = max(1, math.ceil(reader.length / seg))
-    pool = max(1, math.ceil(n_seg * cropsize / 2000)) if png else 1
-    fstep = max(1, (n_fft // 2 + 1) // 256)
-    pics_mag, pics_mask = [], []
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=n_seg, desc=name[:30], unit="crop", leave=False)
-    written = 0
-    with sf.SoundFile(inst_path, "w", sr, 2, subtype=subtype) as f_inst, \
-            sf.SoundFile(voc_path, "w", sr, 2, subtype=subtype) as f_voc:
-        for b0 in range(0, n_seg, batch_size):
-            idx = range(b0, min(n_seg, b0 + batch_size))
-            waves = torch.from_numpy(np.stack([reader.read(k * seg - margin, seg + 2 * margin) for k in idx]))
-            spec = audio.stft(waves, n_fft, hop)          # (b, 2, bins, frames)
-            mag = spec.abs()
-            mask = predict_mask(model, mag.to(device), tta).float().cpu()
-            inst = audio.istft(spec * mask, n_fft, hop, length=waves.shape[-1])[..., margin:margin + seg]
-            voc = audio.istft(spec * (1 - mask), n_fft, hop, length=waves.shape[-1])[..., margin:margin + seg]
-            for j in range(len(idx)):
-                n = min(seg, reader.length - written)
-                if n <= 0:
-                    break
-                f_inst.write(inst[j, :, :n].numpy().T)
-                f_voc.write(voc[j, :, :n].numpy().T)
-                written += n
-            if png:
-                c0 = margin // hop
-                centre = slice(c0, c0 + cropsize)
-                for j in range(len(idx)):
-                    m = mask[j, :, ::fstep, centre].mean(0)
-                    s = mag[j, :, ::fstep, centre].mean(0)
-                    w = (m.shape[-1] // pool) * pool
-                    pics_mask.append(m[:, :w].reshape(m.shape[0], -1, pool).mean(-1).half())
-                    pics_mag.append(s[:, :w].reshape(s.shape[0], -1, pool).mean(-1).half())
-            if bar is not None:
-                bar.update(len(idx))
-    reader.close()
-    if bar is not None:
-        bar.close()
-    if png and pics_mask:
-        cols = max(1, math.ceil(reader.length / (hop * pool)))  # drop the zero padding after the song
-        _save_png(os.path.join(out_dir, f"{name}_mask.png"), torch.cat(pics_mag, 1)[:, :cols].float(),
-                  torch.cat(pics_mask, 1)[:, :cols].float(), sr, hop * pool, name)
-    return inst_path, voc_path
+    try:
+        with sf.SoundFile(path) as f:
+            return (f.software or "").startswith(TAG)
+    except Exception:
+        return False
 
 
-def _save_png(path, mag, mask, sr, hop, title):
-    import matplotlib
+def _write_error_reason(e: BaseException, f=None) -> str:
+    """The OS reason of a failed write (libsndfile reports 'System error' with the detail kept per file)."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    try:
+        import soundfile as sf
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a1, a2) = plt.subplots(2, 1, figsize=(12, 6), sharex=True)
-    ext = [0, mag.shape[1] * hop / sr, 0, sr / 2]
-    a1.imshow(20 * torch.log10(mag + 1e-5).numpy(), origin="lower", aspect="auto", extent=ext, cmap="magma")
-    a1.set_title(f"{title}: mixture (dB)"), a1.set_ylabel("Hz")
-    im = a2.imshow(mask.numpy(), origin="lower", aspect="auto", extent=ext, vmin=0, vmax=1, cmap="viridis")
-    a2.set_title("instrument mask"), a2.set_ylabel("Hz"), a2.set_xlabel("s")
-    fig.colorbar(im, ax=[a1, a2], fraction=0.02)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        if f is not None and getattr(f, "_file", None) is not None:
+            msg = sf._ffi.string(sf._snd.sf_strerror(f._file)).decode(errors="replace")
+            return msg.split(":", 1)[-1].strip().rstrip(".") or audio._short(e)
+    except Exception:
+        pass
+    return audio._short(e)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", help="audio file or folder of audio files")
-    p.add_argument("-o", "--out", default="separated", help="output folder")
-    p.add_argument("--checkpoint", "-c", required=True)
-    p.add_argument("--cropsize", type=int, default=None, help="frames kept per crop (default: the training crop)")
-    p.add_argument("--padding", type=int, default=None, help="context frames each side (default cropsize // 2)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--tta", action="store_true", help="average with the channel-swapped prediction")
-    p.add_argument("--png", action="store_true", help="write <name>_mask.png")
-    p.add_argument("--device", default=None)
-    p.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"])
-    p.add_argument("--subtype", default="PCM_16", help="output WAV subtype (PCM_16, PCM_24, FLOAT)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--threads", type=int, default=None,
+class _AtomicWav:
+    """A stereo WAV written to a hidden temporary file beside ``path`` and renamed onto it by :meth:`commit`."""
+
+    def __init__(self, path: str, sr: int, subtype: str, comment: str):
+        import soundfile as sf
+
+        self.path = path
+        self.tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+        self.clip = subtype.startswith("PCM")
+        try:
+            self.f = sf.SoundFile(self.tmp, "w", sr, 2, subtype=subtype, format="WAV")
+        except Exception as e:
+            raise WriteError(f"cannot create {path}: {_write_error_reason(e)}; choose another folder with -o") \
+                from None
+        self.f.software = TAG
+        self.f.comment = comment
+
+    def write(self, block: np.ndarray) -> None:
+        if self.clip:
+            block = np.clip(block, -1.0, 1.0)
+        try:
+            _write_block(self.f, block.T)
+        except Exception as e:
+            raise WriteError(f"writing {self.path} failed: {_write_error_reason(e, self.f)}; free some space or "
+                             "choose another folder with -o") from None
+
+    def commit(self) -> None:
+        try:
+            self.f.close()
+            with open(self.tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(self.tmp, self.path)
+        except Exception as e:
+            raise WriteError(f"writing {self.path} failed: {_write_error_reason(e)}; free some space or "
+                             "choose another folder with -o") from None
+
+    def discard(self) -> None:
+        try:
+            self.f.close()
+        except Exception:
+            pass
+        try:
+            os.remove(self.tmp)
+        except FileNotFoundError:
+            pass
+
+
+def _write_block(f, frames: np.ndarray) -> None:
+    """One write to an open SoundFile (a seam for tests that simulate a full disk)."""
+    f.write(frames)
+
+
+class _MaskPicture:
+    """Collects a downsampled mixture spectrogram and mask while separating, for ``--png``."""
+
+    def __init__(self, cropsize: int, n_fft: int, length_frames: int):
+        self.cropsize = cropsize
+        self.pool = max(1, math.ceil(length_frames / 2000))
+        self.fstep = max(1, (n_fft // 2 + 1) // 256)
+        self.mags, self.masks = [], []
+
+    def __call__(self, mag, mask, c0):
+        centre = slice(c0, c0 + self.cropsize)
+        for j in range(mask.shape[0]):
+            for src, dst in ((mask, self.masks), (mag, self.mags)):
+                m = src[j, :, ::self.fstep, centre].mean(0)
+                w = (m.shape[-1] // self.pool) * self.pool
+                dst.append(m[:, :w].reshape(m.shape[0], -1, self.pool).mean(-1).half())
+
+    def save(self, path: str, sr: int, hop: int, length: int, title: str) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        cols = max(1, math.ceil(length / (hop * self.pool)))  # drop the zero padding after the song
+        mag = torch.cat(self.mags, 1)[:, :cols].float()
+        mask = torch.cat(self.masks, 1)[:, :cols].float()
+        fig, (a1, a2) = plt.subplots(2, 1, figsize=(12, 6), sharex=True)
+        ext = [0, mag.shape[1] * hop * self.pool / sr, 0, sr / 2]
+        a1.imshow(20 * torch.log10(mag + 1e-5).numpy(), origin="lower", aspect="auto", extent=ext, cmap="magma")
+        a1.set_title(f"{title}: mixture (dB)"), a1.set_ylabel("Hz")
+        im = a2.imshow(mask.numpy(), origin="lower", aspect="auto", extent=ext, vmin=0, vmax=1, cmap="viridis")
+        a2.set_title("instrument mask"), a2.set_ylabel("Hz"), a2.set_xlabel("s")
+        fig.colorbar(im, ax=[a1, a2], fraction=0.02)
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+        try:
+            fig.savefig(tmp, dpi=100, format="png")
+            os.replace(tmp, path)
+        except OSError as e:
+            raise WriteError(f"writing {path} failed: {_write_error_reason(e)}; free some space or choose "
+                             "another folder with -o") from None
+        finally:
+            plt.close(fig)
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def separate_file(model, path: str, outputs: Dict[str, str], cfg: dict, opts: CropOptions, device="cpu",
+                  rate: str = "input", png: bool = False, progress: bool = False, subtype: str = "PCM_16"
+                  ) -> Dict[str, str]:
+    """Separate ``path`` into ``outputs["vocals"]`` and ``outputs["instruments"]`` (and ``outputs["png"]``).
+
+    Both stems are written to temporary files and renamed into place only when complete; on any error or
+    interrupt the temporary files are removed and nothing is left under the final names. Returns the paths written.
+    """
+    for key in STEMS:
+        p = outputs[key.lower()]
+        if os.path.exists(p) and not written_by_us(p):
+            raise UserError(f"{p} exists and was not written by {PROG}: not replacing it (move it, or choose "
+                            "another folder with -o)")
+    if png and os.path.exists(outputs["png"]) and not os.path.exists(outputs["vocals"]):
+        raise UserError(f"{outputs['png']} exists and was not written by {PROG}: not replacing it")
+    with audio.AudioStream(path, cfg["sr"]) as probe:  # unreadable input: AudioError before anything is written
+        out_sr = probe.file_sr if rate == "input" else int(cfg["sr"])
+        model_length = probe.length
+    picture = _MaskPicture(opts.cropsize, cfg["n_fft"], math.ceil(model_length / cfg["hop"])) if png else None
+    os.makedirs(os.path.dirname(os.path.abspath(outputs["vocals"])), exist_ok=True)
+    files: List[_AtomicWav] = []
+    stems = iter_stems(model, path, cfg, opts, device, rate, picture, progress)
+    try:
+        comment = f"separated from {os.path.basename(path)}"
+        for k in STEMS:
+            files.append(_AtomicWav(outputs[k.lower()], out_sr, subtype, f"{k.lower()} {comment}"))
+        for vocals, instruments, _ in stems:
+            files[0].write(vocals)
+            files[1].write(instruments)
+        for f in files:
+            f.commit()
+        written = {k.lower(): outputs[k.lower()] for k in STEMS}
+        if picture is not None:
+            picture.save(outputs["png"], cfg["sr"], cfg["hop"], model_length, os.path.basename(path))
+            written["png"] = outputs["png"]
+        return written
+    finally:
+        stems.close()
+        for f in files:
+            if os.path.exists(f.tmp):
+                f.discard()
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def find_inputs(inp: str, out_dir: str) -> List[Tuple[str, str]]:
+    """(path, path relative to the input) of every audio file to separate: ``inp`` itself, or the audio files
+    under the folder ``inp`` (sorted, hidden files and folders skipped), leaving out the output folder."""
+    if os.path.isfile(inp):
+        return [(inp, os.path.basename(inp))]
+    if not os.path.isdir(inp):
+        raise UserError(f"no such file or folder: {inp}")
+    out_real = os.path.realpath(out_dir)
+    found = []
+    for root, dirs, files in os.walk(inp):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                         and os.path.realpath(os.path.join(root, d)) != out_real)
+        for name in sorted(files):
+            p = os.path.join(root, name)
+            if audio.is_audio_file(p):
+                found.append((p, os.path.relpath(p, inp)))
+    if not found:
+        raise UserError(f"no audio files ({', '.join(audio.AUDIO_EXTENSIONS)}) in {inp}")
+    return found
+
+
+def check_output_folder(out_dir: str) -> None:
+    """Create ``out_dir`` and check that a file can be written there (one-line error otherwise)."""
+    import tempfile
+
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"output folder {out_dir} is a file; choose a folder with -o")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write to output folder {out_dir}: {e.strerror or e}; choose another with -o") \
+            from None
+
+
+# ---------------------------------------------------------------------------------------------- command line
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's layout and appends "(default: X)" to every option that takes a value, unless its
+    help already says what the default is (flags default to off)."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if (action.option_strings and action.nargs != 0 and action.default is not None
+                and action.default is not argparse.SUPPRESS and "default" not in h):
+            h += " (default: %(default)s)"
+        return h
+
+
+def positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return v
+
+
+def non_negative_int(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return v
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """Options shared with frame-transformer-evaluate: checkpoint, crops, device."""
+    p.add_argument("-c", "--checkpoint", required=True,
+                   help="checkpoint.pt written by frame-transformer-train (or its run folder)")
+    p.add_argument("--cropsize", type=positive_int, default=None,
+                   help="frames kept per crop (default: the checkpoint's training crop)")
+    p.add_argument("--padding", type=non_negative_int, default=None,
+                   help="context frames on each side of a crop (default: cropsize // 2)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="crops per forward pass")
+    p.add_argument("--tta", action="store_true", help="also predict the channel-swapped mix and average the masks")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"],
+                   help="ops implementation: Triton kernels (CUDA), the PyTorch reference, or auto by device")
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default 1 on the CPU: this torch build runs the model's many small "
                         "matmuls several times slower with more threads)")
-    a = p.parse_args(argv)
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("input", help="audio file, or folder of audio files (searched recursively)")
+    p.add_argument("-o", "--out", default="separated", help="output folder (mirrors the input's folders)")
+    add_model_options(p)
+    p.add_argument("--rate", default="input", choices=["input", "model"],
+                   help="sample rate of the stems: the input file's, or the checkpoint's")
+    p.add_argument("--png", action="store_true", help="also write FILE_mask.png (mixture spectrogram and mask)")
+    p.add_argument("--subtype", default="PCM_16", choices=["PCM_16", "PCM_24", "PCM_32", "FLOAT"],
+                   help="WAV sample format of the stems (PCM is clipped to [-1, 1])")
+    return p
+
+
+def setup(a) -> Tuple[torch.nn.Module, dict, CropOptions, torch.device]:
+    """Device, threads, model and crop options from parsed arguments (shared with evaluate)."""
+    try:
+        device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise UserError(f"unknown --device {a.device!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but PyTorch sees no CUDA GPU; use --device cpu (or install CUDA PyTorch)")
+    if a.backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError("--backend triton needs a CUDA device; use --backend auto or reference on the CPU")
     if a.threads or device.type == "cpu":
         torch.set_num_threads(a.threads or 1)
     model, cfg = load_model(a.checkpoint, device, a.backend)
-    cropsize = a.cropsize or cfg.get("cropsize", 256)
-    if os.path.isdir(a.input):
-        files = audio.list_audio_files(a.input)
-        if not files:
-            raise SystemExit(f"no audio files in {a.input}")
-    elif os.path.exists(a.input):
-        files = [a.input]
-    else:
-        raise SystemExit(f"no such file or folder: {a.input}")
-    outputs = []
-    for path in files:
-        try:
-            outs = separate_file(model, path, a.out, cfg["sr"], cfg["n_fft"], cfg["hop"], cropsize, a.padding,
-                                 a.batch_size, a.tta, a.png, device, not a.no_progress, a.subtype)
-        except audio.AudioError as e:
-            print(f"warning: skipping {path}: {e}")
+    opts = CropOptions(cropsize=a.cropsize or int(cfg.get("cropsize") or 256), padding=a.padding,
+                       batch_size=a.batch_size, tta=a.tta)
+    return model, cfg, opts, device
+
+
+def run(a) -> int:
+    """Separate every input; returns the exit code (0 all done, 1 any failure)."""
+    model, cfg, opts, device = setup(a)
+    inputs = find_inputs(a.input, a.out)
+    check_output_folder(a.out)
+    done, skipped, failed = 0, 0, []
+    for path, rel in inputs:
+        if written_by_us(path):
+            skipped += 1
             continue
-        outputs.append(outs)
-        print(f"{path} -> {outs[0]}, {outs[1]}")
-    return outputs
+        try:
+            written = separate_file(model, path, output_paths(rel, a.out), cfg, opts, device, a.rate, a.png,
+                                    not a.no_progress, a.subtype)
+        except WriteError as e:
+            raise WriteError(f"{e} (kept the {done} file{'s' * (done != 1)} finished before it)") from None
+        except (audio.AudioError, UserError) as e:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            failed.append(rel)
+            continue
+        done += 1
+        print(f"{path} -> {written['vocals']}, {written['instruments']}", flush=True)
+    todo = len(inputs) - skipped
+    parts = [f"separated {done} of {todo} file{'s' * (todo != 1)} into {a.out}"]
+    if skipped:
+        parts.append(f"skipped {skipped} written by {PROG} (our own outputs)")
+    if failed:
+        parts.append(f"{len(failed)} failed: {', '.join(failed[:5])}{' ...' if len(failed) > 5 else ''}")
+    if os.path.isdir(a.input):  # a single file's line (or error) says it all
+        print("; ".join(parts), file=sys.stderr if failed else sys.stdout)
+    return 1 if failed else 0
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def cli(run_fn: Callable, parser: argparse.ArgumentParser, prog: str, argv=None,
+        interrupted: str = "finished files are kept, the one in progress was removed") -> int:
+    """Parse, run, and turn user errors and interrupts into one line on stderr and an exit code."""
+    a = parser.parse_args(argv)
+    old = signal.signal(signal.SIGTERM, _sigterm) if _main_thread() else None
+    try:
+        return run_fn(a)
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; {interrupted}", file=sys.stderr)
+        return 130
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def main(argv=None) -> int:
+    return cli(run, build_parser(), PROG, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
