@@ -44,7 +44,6 @@ import signal
 import sys
 import tempfile
 import time
-import warnings
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -146,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sr", type=int, help="sample rate (default: 16000 for the demo data, else 44100)")
     g.add_argument("--hop", type=int, help="STFT hop (default: n_fft // 2)")
     g.add_argument("--cropsize", type=int, help="frames per training item (" + pd("cropsize") + ")")
-    g.add_argument("--epoch-size", type=int, help="items per epoch; voxaug mixes are unlimited (" + pd("epoch_size") + ")")
+    g.add_argument("--epoch-size", type=int,
+                   help="items per epoch; voxaug mixes are unlimited (" + pd("epoch_size") + ")")
     g.add_argument("--val-items", type=int, default=32, help="validation items (fixed mixes)")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     g = p.add_argument_group("model")
@@ -234,60 +234,71 @@ def read_checkpoint(path: str) -> dict:
 
 def resolve_options(argv: Optional[List[str]] = None):
     """Parse the command line; with --resume merge the checkpoint's options. Returns (args, checkpoint or None,
-    notes: lines to log about what was overridden)."""
+    notes: the saved options that the command line replaced, for the log)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     given = explicit_options(parser, argv)
-    notes: List[str] = []
-    ck = None
-    if args.resume:
-        if args.resume == "auto":
-            path = os.path.join(args.out, CHECKPOINT)
-        else:
-            path = args.resume
-            if "out" not in given:  # the run folder is where the checkpoint lies now
-                args.out = os.path.dirname(os.path.abspath(path)) if not os.path.isdir(path) else path
-        ck = read_checkpoint(path)
-        args.resume = os.path.abspath(path if not os.path.isdir(path) else os.path.join(path, CHECKPOINT))
-        saved = ck["config"]["args"]
-        for k, v in saved.items():
-            if k in NOT_SAVED or not hasattr(args, k):
-                continue
-            if k not in given:
-                setattr(args, k, v)
-            elif k not in ARCHITECTURE and getattr(args, k) != v:
-                notes.append(f"{k} {v} -> {getattr(args, k)}")
-    if bool(args.instrumentals) != bool(args.vocals):
-        have, miss = ("instrumentals", "vocals") if args.instrumentals else ("vocals", "instrumentals")
-        raise UsageError(f"--{have} needs --{miss}: voxaug mixes every instrumental with random vocal stems "
-                         f"(or give --pairs DIR with mixtures/ and instrumentals/)")
-    if bool(args.val_instrumentals) != bool(args.val_vocals):
-        have, miss = ("val-instrumentals", "val-vocals") if args.val_instrumentals else ("val-vocals",
-                                                                                          "val-instrumentals")
-        raise UsageError(f"--{have} needs --{miss}")
-    synthetic = not (args.instrumentals or args.pairs)
-    if synthetic and (args.val_instrumentals or args.val_pairs):
+    ck, notes = merge_resumed_options(args, given) if args.resume else (None, [])
+    check_data_options(args)
+    fill_defaults(args)
+    if ck is not None:
+        check_same_model(args, ck, given)
+    return args, ck, notes
+
+
+def merge_resumed_options(args, given: set):
+    """Read the checkpoint of --resume (before anything else happens) and take its options for those not given.
+    The run folder is --out when given, else the checkpoint's folder: a moved or copied run resumes in place."""
+    if args.resume == "auto":
+        path = os.path.join(args.out, CHECKPOINT)
+    else:
+        path = os.path.join(args.resume, CHECKPOINT) if os.path.isdir(args.resume) else args.resume
+        if "out" not in given:
+            args.out = os.path.dirname(os.path.abspath(path))
+    ck = read_checkpoint(path)
+    args.resume = os.path.abspath(path)
+    notes = []
+    for k, v in ck["config"]["args"].items():
+        if k in NOT_SAVED or not hasattr(args, k):
+            continue
+        if k not in given:
+            setattr(args, k, v)
+        elif k not in ARCHITECTURE and getattr(args, k) != v:
+            notes.append(f"{k} {v} -> {getattr(args, k)}")
+    return ck, notes
+
+
+def check_data_options(args) -> None:
+    """Folder options that only work together; data folders become absolute (saved so, for a resume anywhere)."""
+    for a, b in (("instrumentals", "vocals"), ("val_instrumentals", "val_vocals")):
+        if bool(getattr(args, a)) != bool(getattr(args, b)):
+            have, miss = (a, b) if getattr(args, a) else (b, a)
+            raise UsageError(f"--{have.replace('_', '-')} needs --{miss.replace('_', '-')}: voxaug mixes every "
+                             f"instrumental with random vocal stems (or give --pairs DIR with mixtures/ and "
+                             f"instrumentals/)")
+    if not (args.instrumentals or args.pairs) and (args.val_instrumentals or args.val_pairs):
         raise UsageError("validation folders were given without training data: add --instrumentals and --vocals "
                          "(or --pairs)")
-    for k in DATA_FOLDERS:  # saved absolute, so a resume works from any folder
+    for k in DATA_FOLDERS:
         if getattr(args, k):
             setattr(args, k, os.path.abspath(getattr(args, k)))
+
+
+def fill_defaults(args) -> None:
+    """Options still unset take their preset's defaults (the preset: default for real data on CUDA, else tiny)."""
+    synthetic = not (args.instrumentals or args.pairs)
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     args.preset = args.preset or ("default" if cuda and not synthetic else "tiny")
-    fill = dict(PRESET_DEFAULTS[args.preset], sr=16000 if synthetic else 44100)
-    for k, v in fill.items():
+    for k, v in dict(PRESET_DEFAULTS[args.preset], sr=16000 if synthetic else 44100).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.hop = args.hop or (args.n_fft or PRESETS[args.preset].n_fft) // 2
-    if ck is not None:
-        check_same_model(args, ck, given)
     for k in ("epochs", "batch_size", "epoch_size", "cropsize", "accum", "val_items"):
         if getattr(args, k) < 1:
             raise UsageError(f"--{k.replace('_', '-')} must be at least 1, got {getattr(args, k)}")
     if args.lr <= 0:
         raise UsageError(f"--lr must be positive, got {args.lr}")
-    return args, ck, notes
 
 
 # ModelConfig field -> command-line option
@@ -876,34 +887,56 @@ def train_epoch(run: Run, t0: float) -> Optional[float]:
     return train_loss
 
 
+def prepare(run: Run, ck: Optional[dict], notes: List[str]) -> None:
+    """Check the folders, create --out, load the data, build the model and optimizer, restore a resumed run."""
+    args = run.args
+    resuming_here = ck is not None and os.path.abspath(args.resume) == os.path.abspath(run.checkpoint_path)
+    if os.path.exists(run.checkpoint_path) and not resuming_here and not args.overwrite:
+        raise UsageError(f"{args.out} already holds a run ({run.checkpoint_path}); continue it with --resume, "
+                         f"choose another --out, or start again with --overwrite")
+    check_folders(args)
+    if run.main:
+        os.makedirs(args.out, exist_ok=True)
+    barrier(run)
+    run.log = RunLog(args.out, run.main)
+    if run.main:
+        for f in remove_stale_temps(args.out):
+            run.log(f"removed {f}: the temporary file of a save that was killed")
+    load_data(run)
+    build_model(run)
+    build_optimizer(run)
+    if ck is not None:
+        restore_checkpoint(run, ck)
+        run.total_steps = schedule_length(run)
+        run.log(f"resumed {run.checkpoint_path} at step {run.step} (epoch {run.epoch + 1}, item {run.epoch_items} "
+                f"of it)" + (f"; command line overrides: {', '.join(notes)}" if notes else ""))
+    run.log(f"{run.total_steps} steps in all ({args.epochs} epochs x {run.steps_per_epoch}), batch {args.batch_size} "
+            f"x accum {args.accum} x {run.world} process(es), lr {args.lr:g} (warmup {args.warmup_steps}), crop "
+            f"{args.cropsize} frames, device {run.device}")
+
+
+def finish(run: Run) -> None:
+    """The last checkpoint; then how the run ended: interrupted (exit 130/143) or done (replicas checked)."""
+    save_checkpoint(run)
+    if run.stop_signal:
+        raise _Interrupted(run.stop_signal, f"{signal.Signals(run.stop_signal).name}: stopped at step {run.step}; "
+                                            f"checkpoint saved to {run.checkpoint_path}; continue with --out "
+                                            f"{run.args.out} --resume")
+    if run.distributed:
+        check_replicas(run)
+        barrier(run)
+    if run.main and run.history:
+        first, last = run.history[0], run.history[-1]
+        run.log(f"done: step {run.step}, val vocals uSDR {first['val_sdr']:.2f} -> {last['val_sdr']:.2f} dB; "
+                f"checkpoint {run.checkpoint_path}")
+
+
 def train(args, ck: Optional[dict] = None, notes: List[str] = ()) -> Run:
     """Run (or continue) the training that ``args`` describe; returns the finished :class:`Run`."""
     run = setup_processes(args)
     _install_signal_handlers(run)
     try:
-        resuming_here = ck is not None and os.path.abspath(args.resume) == os.path.abspath(run.checkpoint_path)
-        if os.path.exists(run.checkpoint_path) and not resuming_here and not args.overwrite:
-            raise UsageError(f"{args.out} already holds a run ({run.checkpoint_path}); continue it with --resume, "
-                             f"choose another --out, or start again with --overwrite")
-        check_folders(args)
-        if run.main:
-            os.makedirs(args.out, exist_ok=True)
-        barrier(run)
-        run.log = RunLog(args.out, run.main)
-        if run.main:
-            for f in remove_stale_temps(args.out):
-                run.log(f"removed {f}: the temporary file of a save that was killed")
-        load_data(run)
-        build_model(run)
-        build_optimizer(run)
-        if ck is not None:
-            restore_checkpoint(run, ck)
-            run.total_steps = schedule_length(run)
-            run.log(f"resumed {run.checkpoint_path} at step {run.step} (epoch {run.epoch + 1}, item "
-                    f"{run.epoch_items} of it)" + (f"; command line overrides: {', '.join(notes)}" if notes else ""))
-        run.log(f"{run.total_steps} steps in all ({args.epochs} epochs x {run.steps_per_epoch}), batch {args.batch_size} x "
-                f"accum {args.accum} x {run.world} process(es), lr {args.lr:g} (warmup {args.warmup_steps}), crop "
-                f"{args.cropsize} frames, device {run.device}")
+        prepare(run, ck, notes)
         run.armed = True
         t0 = time.time()
         run.last_save = time.monotonic()
@@ -912,25 +945,14 @@ def train(args, ck: Optional[dict] = None, notes: List[str] = ()) -> Run:
             barrier(run)
         while run.epoch < args.epochs:
             train_loss = train_epoch(run, t0)
-            if train_loss is None:
+            if train_loss is None:  # stopped inside the epoch (and saved)
                 break
             validate_and_record(run, train_loss, t0)
             save_checkpoint(run)
             barrier(run)
             if run.stop_signal or (args.stop_after_steps is not None and run.step >= args.stop_after_steps):
                 break
-        save_checkpoint(run)
-        if run.stop_signal:
-            name = signal.Signals(run.stop_signal).name
-            raise _Interrupted(run.stop_signal, f"{name}: stopped at step {run.step}; checkpoint saved to "
-                                                f"{run.checkpoint_path}; continue with --out {args.out} --resume")
-        if run.distributed:
-            check_replicas(run)
-            barrier(run)
-        if run.main and run.history:
-            first, last = run.history[0], run.history[-1]
-            run.log(f"done: step {run.step}, val vocals uSDR {first['val_sdr']:.2f} -> {last['val_sdr']:.2f} dB; "
-                    f"checkpoint {run.checkpoint_path}")
+        finish(run)
         return run
     except TrainingFailed as e:
         if run.log is not None:

@@ -12,10 +12,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
@@ -44,7 +42,8 @@ def lib(tmp_path_factory):
 
 def cli(*args, cwd, shim=False, timeout=300):
     """Run the real command in a subprocess: ``python -m frame_transformer.train`` or the root ``train.py``."""
-    cmd = [sys.executable, os.path.join(ROOT, "train.py")] if shim else [sys.executable, "-m", "frame_transformer.train"]
+    cmd = [sys.executable, os.path.join(ROOT, "train.py")] if shim else \
+        [sys.executable, "-m", "frame_transformer.train"]
     return subprocess.run(cmd + [str(a) for a in args], cwd=cwd, env=ENV, capture_output=True, text=True,
                           timeout=timeout)
 
