@@ -34,6 +34,7 @@ its likely cause. Exit status: 0 done, 1 unexpected error, 2 bad command line or
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import glob
@@ -543,7 +544,7 @@ def train_step(run: Run, batches) -> Optional[float]:
     for i, (x, y) in enumerate(batches):
         x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
         sync = not run.distributed or i == len(batches) - 1
-        with (run.ddp.no_sync() if not sync else _nullcontext()):
+        with (run.ddp.no_sync() if not sync else contextlib.nullcontext()):
             with autocast(run):
                 mask = run.ddp(x)
             loss = torch.nn.functional.l1_loss(x * mask.float(), y)
@@ -570,14 +571,6 @@ def train_step(run: Run, batches) -> Optional[float]:
         raise TrainingFailed(f"{run.nan_run} consecutive steps had a non-finite loss or gradient (last at step "
                              f"{run.step}); lower --lr, check the data, or resume from an earlier checkpoint")
     return None
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -911,8 +904,9 @@ def prepare(run: Run, ck: Optional[dict], notes: List[str]) -> None:
     if ck is not None:
         restore_checkpoint(run, ck)
         run.total_steps = schedule_length(run)
-        run.log(f"resumed {run.checkpoint_path} at step {run.step} (epoch {run.epoch + 1}, item {run.epoch_items} "
-                f"of it)" + (f"; command line overrides: {', '.join(notes)}" if notes else ""))
+        source = run.checkpoint_path if resuming_here else f"{args.resume} into {args.out}"
+        run.log(f"resumed {source} at step {run.step} (epoch {run.epoch + 1}, item {run.epoch_items} of it)"
+                + (f"; command line overrides: {', '.join(notes)}" if notes else ""))
     run.log(f"{run.total_steps} steps in all ({args.epochs} epochs x {run.steps_per_epoch}), batch {args.batch_size} "
             f"x accum {args.accum} x {run.world} process(es), lr {args.lr:g} (warmup {args.warmup_steps}), crop "
             f"{args.cropsize} frames, device {run.device}")
