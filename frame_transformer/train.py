@@ -758,8 +758,9 @@ class RunLog:
         if not self.main:
             return
         path = os.path.join(self.out, "log.csv")
-        with open(path + ".tmp", "w", newline="") as f:
-            w = csv.DictWriter(f, CSV_KEYS, extrasaction="ignore")
+        extra = sorted({k for h in history for k in h if k.startswith("val_") and k not in CSV_KEYS})
+        with open(path + ".tmp", "w", newline="") as f:  # a metric added to separation_metrics gets a column
+            w = csv.DictWriter(f, CSV_KEYS + extra, extrasaction="ignore")
             w.writeheader()
             w.writerows(history)
         os.replace(path + ".tmp", path)
