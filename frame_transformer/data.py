@@ -31,6 +31,10 @@ from frame_transformer import audio
 log = logging.getLogger("frame_transformer.data")
 
 
+class DataError(ValueError):
+    """A data folder is missing, is not a folder, or holds no readable audio (the message names it)."""
+
+
 def _warn(msg: str) -> None:
     log.warning(msg)
     warnings.warn(msg, RuntimeWarning, stacklevel=3)
@@ -192,11 +196,14 @@ class VoxAugDataset(Dataset):
         return x_mag / scale, y_mag / scale, mix / scale, voc / scale
 
 
-def collect_files(folder: Optional[str]) -> List[str]:
+def collect_files(folder: Optional[str], option: str = "data folder") -> List[str]:
+    """Audio files under ``folder`` (sorted); :class:`DataError` naming ``option`` when it is not a folder."""
     if not folder:
         return []
+    if not os.path.exists(folder):
+        raise DataError(f"{option} {folder}: no such folder")
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"data folder {folder!r} does not exist")
+        raise DataError(f"{option} {folder} is a file; give the folder that holds the audio files")
     return audio.list_audio_files(folder)
 
 
@@ -214,7 +221,8 @@ def collect_pairs(folder: Optional[str]) -> List[Tuple[str, str]]:
 
 def build_dataset(cache: SpectrogramCache, instrumental_dir: Optional[str], vocal_dir: Optional[str],
                   pair_dir: Optional[str] = None, progress: bool = False, **kwargs) -> VoxAugDataset:
-    """Cache every file of the folders (skipping unreadable ones) and build a :class:`VoxAugDataset`."""
+    """Cache every file of the folders (skipping unreadable ones) and build a :class:`VoxAugDataset`;
+    :class:`DataError` when a folder is missing or nothing readable is left to mix."""
     inst = cache.build(collect_files(instrumental_dir), "caching instrumentals", progress)
     voc = cache.build(collect_files(vocal_dir), "caching vocals", progress)
     pairs = []
@@ -222,6 +230,11 @@ def build_dataset(cache: SpectrogramCache, instrumental_dir: Optional[str], voca
         cm, ci = cache.get(m), cache.get(i)
         if cm is not None and ci is not None:
             pairs.append((cm, ci))
+    if not inst and not pairs:
+        where = " or ".join(str(f) for f in (instrumental_dir, pair_dir) if f) or "the given folders"
+        raise DataError(f"no readable instrumental tracks or pairs in {where}")
+    if inst and not voc:
+        raise DataError(f"no readable vocal stems in {vocal_dir} to mix with the instrumentals")
     return VoxAugDataset(inst, voc, pairs=pairs, **kwargs)
 
 
@@ -263,10 +276,15 @@ def main(argv=None):
     p.add_argument("--hop", type=int, default=None, help="default n_fft // 2")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        files = {k: collect_files(getattr(a, k), f"--{k}") for k in ("instrumentals", "vocals")}
+        pair_files = collect_pairs(a.pairs)
+    except DataError as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
     cache = SpectrogramCache(a.cache_dir, a.sr, a.n_fft, a.hop or a.n_fft // 2)
-    inst = cache.build(collect_files(a.instrumentals), "instrumentals", progress=True)
-    voc = cache.build(collect_files(a.vocals), "vocals", progress=True)
-    pairs = [(cache.get(m), cache.get(i)) for m, i in collect_pairs(a.pairs)]
+    inst = cache.build(files["instrumentals"], "instrumentals", progress=True)
+    voc = cache.build(files["vocals"], "vocals", progress=True)
+    pairs = [(cache.get(m), cache.get(i)) for m, i in pair_files]
     print(f"cached {len(inst)} instrumentals, {len(voc)} vocals, {sum(1 for m, i in pairs if m and i)} pairs "
           f"in {a.cache_dir}; {len(cache.failed)} unreadable files skipped")
 

@@ -179,3 +179,18 @@ def test_synth_is_seeded():
     assert np.array_equal(synth.instrumental(0.5, SR, 4), synth.instrumental(0.5, SR, 4))
     v = synth.vocal(2.0, SR, 5)
     assert v.shape == (2, 2 * SR) and np.abs(v).max() <= 1
+
+
+def test_folder_errors_name_the_folder(lib, tmp_path):
+    paths, _ = lib
+    with pytest.raises(data.DataError, match="--vocals .*nowhere: no such folder"):
+        data.collect_files(str(tmp_path / "nowhere"), "--vocals")
+    (tmp_path / "a.wav").write_bytes(b"x")
+    with pytest.raises(data.DataError, match="a.wav is a file; give the folder"):
+        data.collect_files(str(tmp_path / "a.wav"))
+    (tmp_path / "empty").mkdir()
+    cache = data.SpectrogramCache(str(tmp_path / "cache"), SR, 256, 128)
+    with pytest.raises(data.DataError, match="no readable instrumental tracks or pairs in .*empty"):
+        data.build_dataset(cache, str(tmp_path / "empty"), paths["vocals"])
+    with pytest.raises(data.DataError, match="no readable vocal stems in .*empty"):
+        data.build_dataset(cache, paths["instrumentals"], str(tmp_path / "empty"))
