@@ -37,6 +37,8 @@ Hardware and efficiency assumptions (H100 SXM5 80 GB, NVIDIA's datasheet; A100 S
   H100 peak in the forward pass where FlashAttention-3 with wgmma reaches 60-75%); fp32 dots on the CUDA
   cores 70% of the fp32 peak; SDPA (FlashAttention-2 in PyTorch) 35% of the peak forward, 25% backward;
   memory traffic 80% of HBM bandwidth; 2 us per kernel launch (launch gap and tail).
+* On sm_80 (A100: 312 TFLOP/s bf16, 2.04 TB/s, 108 SMs) mma.sync is the native tensor-core path and gets the
+  70%; grids there are the ones recorded for an H100's 132 SMs (split-K factors differ slightly on 108).
 * Triton launches also pay for their grids: compute is divided by the SM-level wave efficiency
   (programs / (ceil(programs / SMs) x SMs)), bandwidth by min(1, 2 x active SMs / SMs) (an SM is assumed to
   pull at most twice its share of HBM bandwidth). Spills and occupancy are reported, not priced.
@@ -100,7 +102,7 @@ CHIPS = {
 
 EFF = {
     "wgmma": 0.70,  # of the dense 16-bit peak (also cuBLAS)
-    "mma.sync": 0.45,  # of the dense 16-bit peak
+    "mma.sync": 0.45,  # of the dense 16-bit peak, on Hopper
     "cublas": 0.70,
     "FFMA": 0.70,  # of the fp32 peak
     "DFMA": 0.70,
@@ -226,7 +228,7 @@ def peak_for(chip: Chip, dtype: str) -> float:
 
 
 def _compute_rate(chip: Chip, kind: str, dtype: str) -> float:
-    if kind == "wgmma":
+    if kind == "wgmma" or (kind == "mma.sync" and chip.arch < 90):  # before Hopper mma.sync is the native path
         return chip.peak_tc16 * EFF["wgmma"]
     if kind == "mma.sync":
         return chip.peak_tc16 * EFF["mma.sync"]

@@ -125,4 +125,4 @@ def test_compile_gate_builds_every_recorded_launch_for_sm80_and_sm90():
         assert covered == list(range(len(launches)))
     for b, r in zip(builds, result["results"]):
         assert r["shared"] <= gate.SHARED_LIMIT[b["arch"]] and r["registers"] <= 255, b["key"]
-        assert (r["sass"] is not None) == (b["arch"] == 90), b["key"]  # SASS read for the rules' target
+        assert b["arch"] != 90 or r["sass"], b["key"]  # SASS read for the rules' target

@@ -87,6 +87,9 @@ def test_roofline_and_prediction():
     # memory-bound: bytes at 80% of HBM; a grid of 33 programs reaches half of that
     assert sr.predict(h100, 0, 1e9, "-", "bf16", full) == pytest.approx(1e9 / (3.35e12 * 0.8) + sr.LAUNCH_S)
     assert sr.predict(h100, 0, 1e9, "-", "bf16", 33) == pytest.approx(2 * 1e9 / (3.35e12 * 0.8) + sr.LAUNCH_S)
+    # before Hopper, mma.sync is the native tensor-core path
+    a100 = sr.CHIPS[80]
+    assert sr.predict(a100, 1e12, 1e6, "mma.sync", "bf16", 1080) == sr.predict(a100, 1e12, 1e6, "wgmma", "bf16", 1080)
 
 
 def _t(dtype, shape, sid, offset=0):
