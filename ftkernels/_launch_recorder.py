@@ -566,7 +566,8 @@ _CACHED: Dict[tuple, str] = {}
 
 
 def cached_recording(only: Optional[Sequence[str]] = None, dtypes: Sequence[str] = ("fp32", "fp16", "bf16")) -> str:
-    """Path of a recording of these workloads, made once per process (the test suite shares it)."""
+    """Path of a recording of these workloads, made once per process (the test suite shares it); in this process
+    under TRITON_INTERPRET=1, else in a subprocess with it."""
     key = (tuple(only or ()), tuple(dtypes))
     if key not in _CACHED:
         import atexit
@@ -574,8 +575,12 @@ def cached_recording(only: Optional[Sequence[str]] = None, dtypes: Sequence[str]
         d = tempfile.mkdtemp(prefix="ftkernels-launches-")
         atexit.register(shutil.rmtree, d, True)
         path = os.path.join(d, "launches.json")
-        rec, skipped = record(only, dtypes)
-        save(rec, skipped, path)
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            rec, skipped = record(only, dtypes)
+            save(rec, skipped, path)
+        else:
+            from ftkernels._compile_gate import record_launches
+            record_launches(path, only, dtypes)
         _CACHED[key] = path
     return _CACHED[key]
 
