@@ -32,7 +32,9 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import pytest
 import torch
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# FTBENCH_RESULTS_DIR redirects the full run's files (scripts/gpu_check.sh collects one run in one folder)
+RESULTS_DIR = (os.environ.get("FTBENCH_RESULTS_DIR")
+               or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
 HAS_CUDA = torch.cuda.is_available()
 
 # relative L2 error allowed against the float64 reference, by compute dtype (fp32 allows for TF32 convs
@@ -131,7 +133,7 @@ def environment() -> dict:
         env["cuda"] = torch.version.cuda
     try:
         env["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                           cwd=os.path.dirname(RESULTS_DIR), timeout=10).stdout.strip() or None
+                                           cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip() or None
     except Exception:
         env["git_commit"] = None
     return env

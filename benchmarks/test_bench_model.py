@@ -7,10 +7,11 @@ the Triton kernels on CUDA; on CPU identical to ``reference``, so skipped there)
 that dynamo captures the model without paying for inductor's codegen). On CPU the full run skips the compiled
 model unless ``FTBENCH_CPU_COMPILE_MODEL=1`` (inductor's C++ codegen for it takes many minutes on a small CPU).
 
-Configurations: CUDA: the ``default`` preset (the seed's n_fft 2048, 6 levels), bf16 autocast, train batch 4 x 256
-frames; CPU: the ``tiny`` preset in float32, train batch 2 x 128 frames. The song: 30 s at 44.1 kHz with the seed's
-hop of 1024 = 1293 frames, cut into 256-frame crops (the seed's cropsize), zero-padded to whole crops, run in one
-batch and stitched back. FLOPs are counted once on the reference model with torch.utils.flop_counter.
+Configurations: CUDA: the ``default`` preset (the seed's n_fft 2048, 6 levels; ``FTBENCH_MODEL_PRESETS=tiny,default``
+times several), bf16 autocast, train batch 4 x 256 frames; CPU: the ``tiny`` preset in float32, train batch 2 x 128
+frames. The song: 30 s at 44.1 kHz with the seed's hop of 1024 = 1293 frames, cut into 256-frame crops (the seed's
+cropsize), zero-padded to whole crops, run in one batch and stitched back. FLOPs are counted once on the reference
+model with torch.utils.flop_counter.
 Peak memory (CUDA) is the peak allocated during one step above what was resident before it.
 """
 from __future__ import annotations
@@ -38,13 +39,24 @@ def _model_module():
     return m
 
 
+def model_presets():
+    """Presets the full CUDA run times: FTBENCH_MODEL_PRESETS=tiny,default (comma-separated), default "default"."""
+    names = [p.strip() for p in os.environ.get("FTBENCH_MODEL_PRESETS", "default").split(",") if p.strip()]
+    known = _model_module().PRESETS
+    unknown = [p for p in names if p not in known]
+    if unknown:
+        raise ValueError(f"FTBENCH_MODEL_PRESETS: unknown preset(s) {unknown}; choose from {sorted(known)}")
+    return names
+
+
 def configs(config):
     """(task, preset, batch, frames) per task for this mode/device."""
     if not bench_utils.is_full(config):
         return [("train_step", "micro", 1, 16), ("inference_song", "micro", None, 40)]
     song_frames = int(SONG_S * SR) // HOP + 1
     if bench_utils.HAS_CUDA:
-        return [("train_step", "default", 4, 256), ("inference_song", "default", None, song_frames)]
+        return [c for p in model_presets()
+                for c in (("train_step", p, 4, 256), ("inference_song", p, None, song_frames))]
     return [("train_step", "tiny", 2, 128), ("inference_song", "tiny", None, song_frames)]
 
 
