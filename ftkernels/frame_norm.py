@@ -16,6 +16,11 @@ for backward (and the feed-forward's fused-norm prologue, which runs it with ``S
 g = dy * weight, pass 2 writes dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); the same program writes
 this block's partial dweight = sum_w dy * xhat and dbias = sum_w dy into a (B * W-blocks, C, F) fp32
 buffer that is summed afterwards (deterministic, no atomics).
+
+Layouts: x, dy, weight and bias are read through their strides (views cost no copy; a missing weight/bias
+is one cached element broadcast through zero strides). mean/rstd are this module's own contiguous outputs;
+passed back in (backward, the feed-forward) they are made contiguous on the host, a no-op for them.
+y, dx, dweight, dbias are new contiguous tensors.
 """
 from __future__ import annotations
 
@@ -35,9 +40,9 @@ BF, BW = 32, 64  # feature chunk x frame block
 
 @triton.jit
 def _frame_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_f32_ptr, rstd_f32_ptr, C, F, W, eps,
-                           s_xb, s_xc, s_xf, s_xw, s_yb, s_yc, s_yf, s_yw,
+                           s_xb, s_xc, s_xf, s_xw, s_wc, s_wf, s_bc, s_bf, s_yb, s_yc, s_yf, s_yw,
                            STORE_Y: tl.constexpr, LOAD_STATS: tl.constexpr, BF: tl.constexpr, BW: tl.constexpr):
-    """grid (W-blocks, C, B); weight/bias (C, F) contiguous; mean/rstd (B, C, W) contiguous fp32, computed and
+    """grid (W-blocks, C, B); weight/bias (C, F) any strides; mean/rstd (B, C, W) contiguous fp32, computed and
     stored, or with LOAD_STATS read from an earlier pass (the feed-forward's backward re-normalising x)."""
     ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid_w = tl.program_id(0)
@@ -74,15 +79,16 @@ def _frame_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_f32_ptr, rstd_f32_pt
             mask_f = offs_f < F
             m = mask_f[:, None] & mask_w[None, :]
             x = tl.load(x_base + offs_f[:, None] * s_xf, mask=m, other=0.0).to(ACC)
-            g = tl.load(w_ptr + c * F + offs_f, mask=mask_f, other=0.0).to(ACC)
-            bt = tl.load(b_ptr + c * F + offs_f, mask=mask_f, other=0.0).to(ACC)
+            g = tl.load(w_ptr + c * s_wc + offs_f * s_wf, mask=mask_f, other=0.0).to(ACC)
+            bt = tl.load(b_ptr + c * s_bc + offs_f * s_bf, mask=mask_f, other=0.0).to(ACC)
             y = (x - mean[None, :]) * rstd[None, :] * g[:, None] + bt[:, None]
             tl.store(y_base + offs_f[:, None] * s_yf, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def _frame_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_f32_ptr, rstd_f32_ptr, dx_ptr, dw_f32_ptr, db_f32_ptr,
-                           C, F, W, s_gb, s_gc, s_gf, s_gw, s_xb, s_xc, s_xf, s_xw, s_db, s_dc, s_df, s_dw,
+                           C, F, W, s_gb, s_gc, s_gf, s_gw, s_xb, s_xc, s_xf, s_xw, s_wc, s_wf,
+                           s_db, s_dc, s_df, s_dw,
                            BF: tl.constexpr, BW: tl.constexpr):
     """grid (W-blocks, C, B); partial dweight/dbias rows (b * W-blocks + pid_w, c, :) of (B*nWb, C, F) fp32."""
     ACC: tl.constexpr = tl.float64 if dy_ptr.dtype.element_ty == tl.float64 else tl.float32
@@ -107,7 +113,7 @@ def _frame_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_f32_ptr, rstd_f32_ptr, dx_
         xhat = (tl.load(x_base + offs_f[:, None] * s_xf, mask=m, other=0.0).to(ACC) - mean[None, :]) \
             * rstd[None, :]
         xhat = tl.where(m, xhat, 0.0)
-        gamma = tl.load(w_ptr + c * F + offs_f, mask=mask_f, other=0.0).to(ACC)
+        gamma = tl.load(w_ptr + c * s_wc + offs_f * s_wf, mask=mask_f, other=0.0).to(ACC)
         g = dy * gamma[:, None]
         sum_g += tl.sum(g, axis=0)
         sum_gx += tl.sum(g * xhat, axis=0)
@@ -123,7 +129,7 @@ def _frame_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_f32_ptr, rstd_f32_ptr, dx_
         dy = tl.load(g_base + offs_f[:, None] * s_gf, mask=m, other=0.0).to(ACC)
         xhat = (tl.load(x_base + offs_f[:, None] * s_xf, mask=m, other=0.0).to(ACC) - mean[None, :]) \
             * rstd[None, :]
-        gamma = tl.load(w_ptr + c * F + offs_f, mask=mask_f, other=0.0).to(ACC)
+        gamma = tl.load(w_ptr + c * s_wc + offs_f * s_wf, mask=mask_f, other=0.0).to(ACC)
         dx = rstd[None, :] * (dy * gamma[:, None] - mean_g[None, :] - xhat * mean_gx[None, :])
         tl.store(dx_base + offs_f[:, None] * s_df, dx.to(dx_ptr.dtype.element_ty), mask=m)
 
@@ -132,10 +138,23 @@ def _frame_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_f32_ptr, rstd_f32_ptr, dx_
 # launch code
 
 
+_CONSTANTS = {}
+
+
+def _constant(x: Tensor, value: float, shape) -> Tensor:
+    """One cached element broadcast to ``shape`` through zero strides (the kernels read through strides)."""
+    key = (x.device, x.dtype, value)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = _CONSTANTS[key] = torch.full((1,), value, device=x.device, dtype=x.dtype)
+    return t.expand(shape)
+
+
 def _affine(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """weight, bias (C, F) as given (any strides), ones / zeros when absent."""
     C, F = x.shape[1], x.shape[2]
-    w = weight.contiguous() if weight is not None else torch.ones((C, F), device=x.device, dtype=x.dtype)
-    b = bias.contiguous() if bias is not None else torch.zeros((C, F), device=x.device, dtype=x.dtype)
+    w = weight if weight is not None else _constant(x, 1.0, (C, F))
+    b = bias if bias is not None else _constant(x, 0.0, (C, F))
     return w, b
 
 
@@ -147,12 +166,12 @@ def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: fl
     w, b = _affine(x, weight, bias)
     y = torch.empty_like(x, memory_format=torch.contiguous_format) if store_y else x
     if saved_stats is not None:
-        mean, rstd = saved_stats
+        mean, rstd = (t.contiguous() for t in saved_stats)
     else:
         mean = torch.empty((B, C, W), device=x.device, dtype=common.stats_dtype(x.dtype))
         rstd = torch.empty_like(mean)
     _frame_norm_fwd_kernel[(triton.cdiv(W, BW), C, B)](
-        x, w, b, y, mean, rstd, C, F, W, eps, *x.stride(), *y.stride(), STORE_Y=store_y, LOAD_STATS=saved_stats is not None,
+        x, w, b, y, mean, rstd, C, F, W, eps, *x.stride(), *w.stride(), *b.stride(), *y.stride(), STORE_Y=store_y, LOAD_STATS=saved_stats is not None,
         BF=BF, BW=BW, num_warps=4)
     return (y if store_y else x.new_empty(0)), mean, rstd
 
@@ -167,12 +186,13 @@ def backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd
     """[dx, dweight (C, F), dbias (C, F)]."""
     B, C, F, W = x.shape
     w, _ = _affine(x, weight, None)
+    mean, rstd = mean.contiguous(), rstd.contiguous()
     n_wb = triton.cdiv(W, BW)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     dw_part = torch.empty((B * n_wb, C, F), device=x.device, dtype=common.stats_dtype(x.dtype))
     db_part = torch.empty_like(dw_part)
     _frame_norm_bwd_kernel[(n_wb, C, B)](dy, x, w, mean, rstd, dx, dw_part, db_part, C, F, W, *dy.stride(),
-                                         *x.stride(), *dx.stride(), BF=BF, BW=BW, num_warps=4)
+                                         *x.stride(), *w.stride(), *dx.stride(), BF=BF, BW=BW, num_warps=4)
     return [dx, dw_part.sum(0).to(x.dtype), db_part.sum(0).to(x.dtype)]
 
 

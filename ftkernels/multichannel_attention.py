@@ -40,6 +40,10 @@ delta = rowsum(dO * O) is a small torch reduction. The gradient goes back throug
 its transpose (the rotation is orthogonal): the rot-space accumulator is split into its (even, odd)
 columns with ``tl.reshape``/``tl.split``, rotated by -angle and re-interleaved with ``tl.join``.
 
+Layouts: q, k, v, dO (and out, in the torch reduction for delta) are read through their strides; the
+log-sum-exp is the forward's own contiguous output, made contiguous on the host in backward (a no-op for
+it); the rotary tables are cached contiguous tensors. out, dq, dk, dv are new contiguous tensors.
+
 Softmax statistics are fp32 whatever the input dtype (fp64 in the interpreter when the inputs are fp64,
 the test oracle); accumulators are fp32 (fp64 for fp64 inputs).
 """
@@ -333,6 +337,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
     D = F // num_heads
     BD = _block_d(D)
     sd = common.stats_dtype(q.dtype)
+    lse = lse.contiguous()  # the forward's own (B, C, H, WQ) output: a no-op for it
     delta = (do.to(sd) * out.to(sd)).reshape(B, C, num_heads, D, WQ).sum(3).contiguous()
     dq = torch.empty((B, C, F, WQ), device=q.device, dtype=q.dtype)
     dk = torch.empty((B, C, F, WK), device=q.device, dtype=q.dtype)

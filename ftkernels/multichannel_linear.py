@@ -26,6 +26,16 @@ Kernels
 
 Backward recomputes y = pw(x) for the depth-wise weight gradient instead of saving it (one extra GEMM,
 no (B, C_in, F_out, W) activation kept alive).
+
+Layouts
+-------
+Every pointer argument is read through its strides, with two host-side exceptions: the gradient entering
+backward is made contiguous (autograd almost always hands a contiguous one; the depth-wise weight gradient
+walks (feature, frame) as one flat K index), and so is a strided x for a depth-wise-only layer's weight
+gradient (same reason). The frame-norm statistics of the fused prologue are the stats pass's own contiguous
+outputs. Weights, biases, x, the saved squared-ReLU activation and the norm's gamma/beta take any strides:
+transposed, sliced or offset views cost no copy. A missing bias is one cached zero broadcast through zero
+strides (nothing allocated per call). Outputs and gradients are always new contiguous tensors.
 """
 from __future__ import annotations
 
@@ -49,7 +59,7 @@ FUSED_MIX_MAX_CHANNELS = 8  # C_out up to this runs the single fused kernel
 
 @triton.jit
 def _positionwise_tile(w_ptr, x_ptr, mean_f32_ptr, rstd_f32_ptr, gamma_ptr, beta_ptr, b, c, offs_m, offs_n,
-                       M, N, K, s_wc, s_wm, s_wk, s_xb, s_xc, s_xk, s_xn, s_sb, s_sc, s_gc,
+                       M, N, K, s_wc, s_wm, s_wk, s_xb, s_xc, s_xk, s_xn, s_sb, s_sc, s_gc, s_gk, s_tc, s_tk,
                        HAS_NORM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                        PRECISION: tl.constexpr):
     """(BM, BN) fp32 tile of W[c] @ norm?(x[b, c]) for rows offs_m (features out) and cols offs_n (frames)."""
@@ -72,8 +82,8 @@ def _positionwise_tile(w_ptr, x_ptr, mean_f32_ptr, rstd_f32_ptr, gamma_ptr, beta
         x = tl.load(x_base + offs_k[:, None] * s_xk + offs_n[None, :] * s_xn,
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         if HAS_NORM:
-            g = tl.load(gamma_ptr + c * s_gc + offs_k, mask=mask_k, other=0.0).to(ACC)
-            bt = tl.load(beta_ptr + c * s_gc + offs_k, mask=mask_k, other=0.0).to(ACC)
+            g = tl.load(gamma_ptr + c * s_gc + offs_k * s_gk, mask=mask_k, other=0.0).to(ACC)
+            bt = tl.load(beta_ptr + c * s_tc + offs_k * s_tk, mask=mask_k, other=0.0).to(ACC)
             xf = (x.to(ACC) - mean[None, :]) * rstd[None, :] * g[:, None] + bt[:, None]
             x = xf.to(w.dtype)
         acc = tl.dot(w, x, acc, input_precision=PRECISION)
@@ -82,12 +92,12 @@ def _positionwise_tile(w_ptr, x_ptr, mean_f32_ptr, rstd_f32_ptr, gamma_ptr, beta
 
 @triton.jit
 def _positionwise_kernel(w_ptr, x_ptr, bias_ptr, out_ptr, mul_ptr, mean_f32_ptr, rstd_f32_ptr, gamma_ptr, beta_ptr,
-                         M, N, K, s_wc, s_wm, s_wk, s_xb, s_xc, s_xk, s_xn, s_ob, s_oc, s_om, s_on,
-                         s_pb, s_pc, s_pm, s_pn, s_sb, s_sc, s_gc,
+                         M, N, K, s_wc, s_wm, s_wk, s_xb, s_xc, s_xk, s_xn, s_bias_c, s_bias_m,
+                         s_ob, s_oc, s_om, s_on, s_pb, s_pc, s_pm, s_pn, s_sb, s_sc, s_gc, s_gk, s_tc, s_tk,
                          HAS_NORM: tl.constexpr, ACTIVATION: tl.constexpr, MUL_SQRELU_GRAD: tl.constexpr,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
     """out[b, c] = epilogue(W[c] @ prologue(x[b, c]) + bias[c]); grid (m-tiles * n-tiles, C, B).
-    bias (C, M) contiguous (zeros when the layer has none: one load per row, fewer specializations)."""
+    bias (C, M) any strides (zeros when the layer has none: one load per row, fewer specializations)."""
     ACC: tl.constexpr = tl.float64 if w_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     c = tl.program_id(1)
@@ -96,10 +106,10 @@ def _positionwise_kernel(w_ptr, x_ptr, bias_ptr, out_ptr, mul_ptr, mean_f32_ptr,
     offs_m = (pid // n_tiles) * BM + tl.arange(0, BM)
     offs_n = (pid % n_tiles) * BN + tl.arange(0, BN)
     acc = _positionwise_tile(w_ptr, x_ptr, mean_f32_ptr, rstd_f32_ptr, gamma_ptr, beta_ptr, b, c, offs_m, offs_n,
-                             M, N, K, s_wc, s_wm, s_wk, s_xb, s_xc, s_xk, s_xn, s_sb, s_sc, s_gc,
+                             M, N, K, s_wc, s_wm, s_wk, s_xb, s_xc, s_xk, s_xn, s_sb, s_sc, s_gc, s_gk, s_tc, s_tk,
                              HAS_NORM, BM, BN, BK, PRECISION)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    acc += tl.load(bias_ptr + c * M + offs_m, mask=offs_m < M, other=0.0).to(ACC)[:, None]
+    acc += tl.load(bias_ptr + c * s_bias_c + offs_m * s_bias_m, mask=offs_m < M, other=0.0).to(ACC)[:, None]
     if ACTIVATION == 1:
         acc = tl.maximum(acc, 0.0)
         acc = acc * acc
@@ -114,7 +124,8 @@ def _positionwise_kernel(w_ptr, x_ptr, bias_ptr, out_ptr, mul_ptr, mean_f32_ptr,
 @triton.jit
 def _positionwise_mix_kernel(w_ptr, x_ptr, bias_ptr, mix_ptr, mix_bias_ptr, out_ptr, mean_f32_ptr, rstd_f32_ptr,
                              gamma_ptr, beta_ptr, C_in, C_out, M, N, K, s_wc, s_wm, s_wk, s_xb, s_xc, s_xk, s_xn,
-                             s_mo, s_mc, s_ob, s_oc, s_om, s_on, s_sb, s_sc, s_gc,
+                             s_bias_c, s_bias_m, s_mo, s_mc, s_mbias, s_ob, s_oc, s_om, s_on, s_sb, s_sc,
+                             s_gc, s_gk, s_tc, s_tk,
                              HAS_NORM: tl.constexpr, ACTIVATION: tl.constexpr, BO: tl.constexpr,
                              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
     """Fused position-wise + channel mix for C_out <= BO; grid (m-tiles * n-tiles, 1, B)."""
@@ -129,12 +140,12 @@ def _positionwise_mix_kernel(w_ptr, x_ptr, bias_ptr, mix_ptr, mix_bias_ptr, out_
     acc = tl.zeros((BO, BM, BN), dtype=ACC)
     for c in range(0, C_in):
         y = _positionwise_tile(w_ptr, x_ptr, mean_f32_ptr, rstd_f32_ptr, gamma_ptr, beta_ptr, b, c, offs_m, offs_n,
-                               M, N, K, s_wc, s_wm, s_wk, s_xb, s_xc, s_xk, s_xn, s_sb, s_sc, s_gc,
-                               HAS_NORM, BM, BN, BK, PRECISION)
-        y += tl.load(bias_ptr + c * M + offs_m, mask=offs_m < M, other=0.0).to(ACC)[:, None]
+                               M, N, K, s_wc, s_wm, s_wk, s_xb, s_xc, s_xk, s_xn, s_sb, s_sc, s_gc, s_gk, s_tc,
+                               s_tk, HAS_NORM, BM, BN, BK, PRECISION)
+        y += tl.load(bias_ptr + c * s_bias_c + offs_m * s_bias_m, mask=offs_m < M, other=0.0).to(ACC)[:, None]
         wd = tl.load(mix_ptr + offs_o * s_mo + c * s_mc, mask=mask_o, other=0.0).to(ACC)
         acc += wd[:, None, None] * y[None, :, :]
-    acc += tl.load(mix_bias_ptr + offs_o, mask=mask_o, other=0.0).to(ACC)[:, None, None]
+    acc += tl.load(mix_bias_ptr + offs_o * s_mbias, mask=mask_o, other=0.0).to(ACC)[:, None, None]
     if ACTIVATION == 1:
         acc = tl.maximum(acc, 0.0)
         acc = acc * acc
@@ -146,7 +157,7 @@ def _positionwise_mix_kernel(w_ptr, x_ptr, bias_ptr, mix_ptr, mix_bias_ptr, out_
 
 @triton.jit
 def _channel_mix_kernel(w_ptr, y_ptr, bias_ptr, out_ptr, mul_ptr, M, N, K, F, W, s_wm, s_wk,
-                        s_yb, s_yk, s_yf, s_yw, s_ob, s_om, s_of, s_ow, s_pb, s_pm, s_pf, s_pw,
+                        s_yb, s_yk, s_yf, s_yw, s_bias, s_ob, s_om, s_of, s_ow, s_pb, s_pm, s_pf, s_pw,
                         ACTIVATION: tl.constexpr, MUL_SQRELU_GRAD: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
     """out[b, m, f, w] = epilogue(sum_k W[m, k] y[b, k, f, w] + bias[m]); n = f * W + w; grid (tiles, 1, B)."""
@@ -171,7 +182,7 @@ def _channel_mix_kernel(w_ptr, y_ptr, bias_ptr, out_ptr, mul_ptr, M, N, K, F, W,
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a, y, acc, input_precision=PRECISION)
     mask = mask_m[:, None] & mask_n[None, :]
-    acc += tl.load(bias_ptr + offs_m, mask=mask_m, other=0.0).to(ACC)[:, None]
+    acc += tl.load(bias_ptr + offs_m * s_bias, mask=mask_m, other=0.0).to(ACC)[:, None]
     if ACTIVATION == 1:
         acc = tl.maximum(acc, 0.0)
         acc = acc * acc
@@ -243,8 +254,31 @@ def _dummy_f32(device) -> Tensor:
 PRECISION = "ieee"
 
 
-def _zeros(x: Tensor, *shape) -> Tensor:
-    return torch.zeros(shape, device=x.device, dtype=x.dtype)
+_ZEROS = {}
+
+
+def _bias_or_zeros(bias: Optional[Tensor], like: Tensor, *shape) -> Tensor:
+    """The bias, or (no bias) one cached zero broadcast to ``shape`` through zero strides: the kernels add a
+    bias unconditionally (fewer specializations) and read it through its strides, so nothing is allocated."""
+    if bias is not None:
+        return bias
+    key = (like.device, like.dtype)
+    z = _ZEROS.get(key)
+    if z is None:
+        z = _ZEROS[key] = torch.zeros(1, device=like.device, dtype=like.dtype)
+    return z.expand(shape)
+
+
+def _norm_args(norm, x: Tensor, dummy: Tensor):
+    """(mean, rstd, gamma, beta) and their stride arguments for the norm prologue (or placeholders).
+
+    mean/rstd are the frame-norm statistics pass's own (B, C, N) outputs, made contiguous here (a no-op for
+    them; the kernel reads them with unit frame stride); gamma/beta (C, K) are read through their strides."""
+    if norm is None:
+        return (dummy, dummy, x, x), (0, 0, 0, 0, 0, 0)
+    mean, rstd, gamma, beta = norm
+    mean, rstd = mean.contiguous(), rstd.contiguous()
+    return (mean, rstd, gamma, beta), (mean.stride(0), mean.stride(1), *gamma.stride(), *beta.stride())
 
 
 # Few block configs on purpose: every one is a specialization the compile gate builds for 2 archs x 3 dtypes.
@@ -274,15 +308,13 @@ def positionwise(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     M = weight.shape[1]
     out = torch.empty((B, C, M, N), device=x.device, dtype=x.dtype)
     BM, BN, BK = _gemm_blocks(M)
-    dummy = _dummy_f32(x.device)
-    mean, rstd, gamma, beta = norm if norm is not None else (dummy, dummy, x, x)
+    norm_ptrs, norm_strides = _norm_args(norm, x, _dummy_f32(x.device))
     mul = sqrelu_grad_of if sqrelu_grad_of is not None else out
+    bias = _bias_or_zeros(bias, x, C, M)
     grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN), C, B)
     _positionwise_kernel[grid](
-        weight, x, bias if bias is not None else _zeros(x, C, M), out, mul, mean, rstd, gamma, beta,
-        M, N, K, *weight.stride(), *x.stride(), *out.stride(), *mul.stride(),
-        mean.stride(0) if norm is not None else 0, mean.stride(1) if norm is not None else 0,
-        gamma.stride(0) if norm is not None else 0,
+        weight, x, bias, out, mul, *norm_ptrs,
+        M, N, K, *weight.stride(), *x.stride(), *bias.stride(), *out.stride(), *mul.stride(), *norm_strides,
         HAS_NORM=norm is not None, ACTIVATION=activation,
         MUL_SQRELU_GRAD=sqrelu_grad_of is not None, BM=BM, BN=BN, BK=BK, PRECISION=PRECISION,
         num_warps=4)
@@ -298,15 +330,14 @@ def positionwise_mix(x: Tensor, weight_pw: Tensor, bias_pw: Optional[Tensor], we
     C_out = weight_dw.shape[0]
     out = torch.empty((B, C_out, M, N), device=x.device, dtype=x.dtype)
     BO, BM, BN, BK = _mix_blocks(C_out)
-    dummy = _dummy_f32(x.device)
-    mean, rstd, gamma, beta = norm if norm is not None else (dummy, dummy, x, x)
+    norm_ptrs, norm_strides = _norm_args(norm, x, _dummy_f32(x.device))
+    bias_pw = _bias_or_zeros(bias_pw, x, C_in, M)
+    bias_dw = _bias_or_zeros(bias_dw, x, C_out)
     grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN), 1, B)
     _positionwise_mix_kernel[grid](
-        weight_pw, x, bias_pw if bias_pw is not None else _zeros(x, C_in, M), weight_dw,
-        bias_dw if bias_dw is not None else _zeros(x, C_out), out,
-        mean, rstd, gamma, beta, C_in, C_out, M, N, K, *weight_pw.stride(), *x.stride(), *weight_dw.stride(),
-        *out.stride(), mean.stride(0) if norm is not None else 0, mean.stride(1) if norm is not None else 0,
-        gamma.stride(0) if norm is not None else 0,
+        weight_pw, x, bias_pw, weight_dw, bias_dw, out, *norm_ptrs, C_in, C_out, M, N, K,
+        *weight_pw.stride(), *x.stride(), *bias_pw.stride(), *weight_dw.stride(), *bias_dw.stride(),
+        *out.stride(), *norm_strides,
         HAS_NORM=norm is not None, ACTIVATION=activation, BO=BO, BM=BM, BN=BN, BK=BK, PRECISION=PRECISION,
         num_warps=4)
     return out
@@ -320,10 +351,11 @@ def channel_mix(y: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, act
     out = torch.empty((B, M, F, W), device=y.device, dtype=y.dtype)
     BM, BN, BK = _gemm_blocks(M)
     mul = sqrelu_grad_of if sqrelu_grad_of is not None else out
+    bias = _bias_or_zeros(bias, y, M)
     grid = (triton.cdiv(M, BM) * triton.cdiv(F * W, BN), 1, B)
     _channel_mix_kernel[grid](
-        weight, y, bias if bias is not None else _zeros(y, M), out, mul, M, F * W, K, F, W, *weight.stride(),
-        *y.stride(), *out.stride(), *mul.stride(), ACTIVATION=activation,
+        weight, y, bias, out, mul, M, F * W, K, F, W, *weight.stride(),
+        *y.stride(), *bias.stride(), *out.stride(), *mul.stride(), ACTIVATION=activation,
         MUL_SQRELU_GRAD=sqrelu_grad_of is not None, BM=BM, BN=BN, BK=BK, PRECISION=PRECISION,
         num_warps=4)
     return out
