@@ -58,6 +58,21 @@ FUSED_MIX_MAX_CHANNELS = 8  # C_out up to this runs the single fused kernel
 
 
 @triton.jit
+def _squared_relu(z):
+    """relu(z)^2 with NaN kept (as torch.relu: tl.maximum's default drops NaN)."""
+    a = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    return a * a
+
+
+@triton.jit
+def _squared_relu_grad(dh, h):
+    """dz from dh and the saved h = relu(z)^2: d/dz relu(z)^2 = 2 relu(z) = 2 sqrt(h), and exactly 0 where
+    z <= 0 whatever dh is (as torch's relu backward, a select: a NaN/Inf dh stays on relu's live side only);
+    a NaN h (z NaN) gives NaN."""
+    return tl.where(h <= 0.0, 0.0, dh * 2.0 * tl.sqrt(h))
+
+
+@triton.jit
 def _positionwise_tile(w_ptr, x_ptr, mean_f32_ptr, rstd_f32_ptr, gamma_ptr, beta_ptr, b, c, offs_m, offs_n,
                        M, N, K, s_wc, s_wm, s_wk, s_xb, s_xc, s_xk, s_xn, s_sb, s_sc, s_gc, s_gk, s_tc, s_tk,
                        HAS_NORM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -111,12 +126,11 @@ def _positionwise_kernel(w_ptr, x_ptr, bias_ptr, out_ptr, mul_ptr, mean_f32_ptr,
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     acc += tl.load(bias_ptr + c * s_bias_c + offs_m * s_bias_m, mask=offs_m < M, other=0.0).to(ACC)[:, None]
     if ACTIVATION == 1:
-        acc = tl.maximum(acc, 0.0)
-        acc = acc * acc
-    if MUL_SQRELU_GRAD:  # d/dz relu(z)^2 = 2 relu(z) = 2 sqrt(h), h the saved squared-ReLU output
+        acc = _squared_relu(acc)
+    if MUL_SQRELU_GRAD:
         h = tl.load(mul_ptr + b.to(tl.int64) * s_pb + c.to(tl.int64) * s_pc + offs_m[:, None] * s_pm
                     + offs_n[None, :] * s_pn, mask=mask, other=0.0).to(ACC)
-        acc = acc * 2.0 * tl.sqrt(h)
+        acc = _squared_relu_grad(acc, h)
     out = out_ptr + b.to(tl.int64) * s_ob + c.to(tl.int64) * s_oc + offs_m[:, None] * s_om + offs_n[None, :] * s_on
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -147,8 +161,7 @@ def _positionwise_mix_kernel(w_ptr, x_ptr, bias_ptr, mix_ptr, mix_bias_ptr, out_
         acc += wd[:, None, None] * y[None, :, :]
     acc += tl.load(mix_bias_ptr + offs_o * s_mbias, mask=mask_o, other=0.0).to(ACC)[:, None, None]
     if ACTIVATION == 1:
-        acc = tl.maximum(acc, 0.0)
-        acc = acc * acc
+        acc = _squared_relu(acc)
     out = (out_ptr + b.to(tl.int64) * s_ob + offs_o[:, None, None].to(tl.int64) * s_oc
            + offs_m[None, :, None] * s_om + offs_n[None, None, :] * s_on)
     mask = mask_o[:, None, None] & (offs_m[None, :, None] < M) & (offs_n[None, None, :] < N)
@@ -184,12 +197,11 @@ def _channel_mix_kernel(w_ptr, y_ptr, bias_ptr, out_ptr, mul_ptr, M, N, K, F, W,
     mask = mask_m[:, None] & mask_n[None, :]
     acc += tl.load(bias_ptr + offs_m * s_bias, mask=mask_m, other=0.0).to(ACC)[:, None]
     if ACTIVATION == 1:
-        acc = tl.maximum(acc, 0.0)
-        acc = acc * acc
+        acc = _squared_relu(acc)
     if MUL_SQRELU_GRAD:
         h = tl.load(mul_ptr + b.to(tl.int64) * s_pb + offs_m[:, None].to(tl.int64) * s_pm
                     + (f * s_pf + w * s_pw)[None, :], mask=mask, other=0.0).to(ACC)
-        acc = acc * 2.0 * tl.sqrt(h)
+        acc = _squared_relu_grad(acc, h)
     out = (out_ptr + b.to(tl.int64) * s_ob + offs_m[:, None].to(tl.int64) * s_om
            + (f * s_of + w * s_ow)[None, :])
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
