@@ -171,8 +171,8 @@ def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: fl
         mean = torch.empty((B, C, W), device=x.device, dtype=common.stats_dtype(x.dtype))
         rstd = torch.empty_like(mean)
     _frame_norm_fwd_kernel[(triton.cdiv(W, BW), C, B)](
-        x, w, b, y, mean, rstd, C, F, W, eps, *x.stride(), *w.stride(), *b.stride(), *y.stride(), STORE_Y=store_y, LOAD_STATS=saved_stats is not None,
-        BF=BF, BW=BW, num_warps=4)
+        x, w, b, y, mean, rstd, C, F, W, eps, *x.stride(), *w.stride(), *b.stride(), *y.stride(), STORE_Y=store_y,
+        LOAD_STATS=saved_stats is not None, BF=BF, BW=BW, num_warps=4)
     return (y if store_y else x.new_empty(0)), mean, rstd
 
 

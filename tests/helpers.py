@@ -7,6 +7,7 @@ Randomness: ``rand`` draws from torch's global RNG, which the root conftest seed
 import dataclasses
 import importlib
 import math
+import os
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import pytest
@@ -22,6 +23,9 @@ LOW_PRECISION = [torch.float16, torch.bfloat16] if HAS_CUDA else [torch.float16]
 # The exact-comparison dtype of the cross-op tests: float64 through the interpreter, float32 on a GPU.
 ORACLE_DTYPE = torch.float32 if HAS_CUDA else torch.float64
 ORACLE_TOL = dict(atol=2e-5, rtol=2e-5) if HAS_CUDA else dict(atol=1e-10, rtol=1e-9)
+# The seed of every test's inputs (conftest seeds the global RNGs with it too); set FTKERNELS_TEST_SEED to
+# sweep seeds when checking that a test is not on an edge.
+TEST_SEED = int(os.environ.get("FTKERNELS_TEST_SEED", "0"))
 
 
 def gpu_or_cpu(gpu_shape, cpu_shape):
@@ -85,11 +89,13 @@ def as_layout(t: torch.Tensor, kind: str) -> torch.Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class OpCase:
-    """One call of a public op: tensor argument shapes (all present), fixed non-tensor arguments."""
+    """One call of a public op: tensor argument shapes (all present), fixed non-tensor arguments, and the
+    PyTorch formulation the low-precision rule compares with (default: the reference run in that dtype)."""
     id: str
     fn: Callable
     shapes: Dict[str, Tuple[int, ...]]
     kwargs: Dict[str, object] = dataclasses.field(default_factory=dict)
+    torch_op: Optional[Callable] = None
 
     @property
     def args(self) -> Tuple[str, ...]:
@@ -99,11 +105,11 @@ class OpCase:
         """Init scale: weights 1/sqrt(fan_in) (fan_in = last dim), the rest unit normal."""
         return self.shapes[name][-1] ** -0.5 if name.startswith("weight") else 1.0
 
-    def make(self, dtype=None, seed: int = 0, device=KERNEL_DEVICE, requires_grad=True, scales=None
+    def make(self, dtype=None, seed: Optional[int] = None, device=KERNEL_DEVICE, requires_grad=True, scales=None
              ) -> Dict[str, torch.Tensor]:
         """Seeded inputs (drawn in float64, then cast), ``scales`` multiplying named arguments."""
         dtype = dtype or ORACLE_DTYPE
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(TEST_SEED if seed is None else seed)
         out = {}
         for name, shape in self.shapes.items():
             t = torch.randn(shape, generator=g, dtype=torch.float64) * self.scale(name)
@@ -114,9 +120,35 @@ class OpCase:
     def __call__(self, args: Dict[str, torch.Tensor], backend: Optional[str]) -> torch.Tensor:
         return self.fn(**args, **self.kwargs, backend=backend)
 
-    def grad_out(self, out: torch.Tensor, seed: int = 1) -> torch.Tensor:
-        g = torch.Generator().manual_seed(seed)
+    def torch_low(self, args: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The PyTorch op in the arguments' (low) precision, for FlashAttention's rule."""
+        if self.torch_op is None:
+            return self(args, "reference")
+        return self.torch_op(**args, **self.kwargs)
+
+    def grad_out(self, out: torch.Tensor, seed: Optional[int] = None) -> torch.Tensor:
+        g = torch.Generator().manual_seed(TEST_SEED + 1 if seed is None else seed)
         return torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device, out.dtype)
+
+
+def layer_norm_low_precision(x, weight, bias, eps=1e-5):
+    """torch's layer_norm over the features axis, affine in x's dtype: frame norm's PyTorch formulation."""
+    y = torch.nn.functional.layer_norm(x.transpose(2, 3), (x.shape[2],), eps=eps).transpose(2, 3)
+    return y * weight[:, :, None] + bias[:, :, None]
+
+
+def sdpa_low_precision(q, k, v, num_heads, scale=None, rotary=True):
+    """PyTorch's own attention op (SDPA) in the inputs' precision, rotary applied in that precision too:
+    multichannel attention's PyTorch formulation."""
+    from ftkernels import reference
+
+    qh, kh, vh = (reference._split_heads(t, num_heads) for t in (q, k, v))
+    if rotary:
+        qh, kh = reference.apply_rotary(qh), reference.apply_rotary(kh)
+    d = q.shape[2] // num_heads
+    o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, scale=1 / math.sqrt(d) if scale is None
+                                                         else scale)
+    return o.transpose(-1, -2).reshape(q.shape)
 
 
 def _ffn_shapes(C1=None, dw2=None, C=3, F=6, W=7, H=12, F2=5):
@@ -140,12 +172,13 @@ OP_CASES = [
            dict(x=(2, 3, 5, 7), weight_pw=(3, 6, 5), weight_dw=(9, 3), bias_pw=(3, 6), bias_dw=(9,))),
     OpCase("multichannel_linear-depthwise", ftkernels.multichannel_linear,
            dict(x=(2, 3, 5, 7), weight_dw=(4, 3), bias_dw=(4,))),
-    OpCase("frame_norm", ftkernels.frame_norm, dict(x=(2, 3, 37, 7), weight=(3, 37), bias=(3, 37))),
+    OpCase("frame_norm", ftkernels.frame_norm, dict(x=(2, 3, 37, 7), weight=(3, 37), bias=(3, 37)),
+           torch_op=layer_norm_low_precision),
     OpCase("squared_relu_ffn-fused", ftkernels.squared_relu_ffn, _ffn_shapes(C1=2, dw2=3)),
     OpCase("squared_relu_ffn-two_pass", ftkernels.squared_relu_ffn, _ffn_shapes(C1=9)),
     OpCase("squared_relu_ffn-positionwise", ftkernels.squared_relu_ffn, _ffn_shapes(dw2=10)),
     OpCase("multichannel_attention", ftkernels.multichannel_attention,
-           dict(q=(1, 2, 8, 7), k=(1, 2, 8, 5), v=(1, 2, 8, 5)), dict(num_heads=2)),
+           dict(q=(1, 2, 8, 7), k=(1, 2, 8, 5), v=(1, 2, 8, 5)), dict(num_heads=2), torch_op=sdpa_low_precision),
 ]
 
 
@@ -183,23 +216,43 @@ def max_err(a, ref):
     return (a.double() - ref.double()).abs().max().item()
 
 
-def assert_low_precision_ok(kernel_out, torch_out, ref64, name, floor=1e-5):
+def assert_low_precision_ok(kernel_out, torch_out, ref64, name, floor=1e-5, allow_overflow_everywhere=False,
+                            rule_min_elements=0):
     """FlashAttention's rule: error of the kernel vs the float64 reference <= 2x the error of the
     PyTorch op computed in the same low precision, plus a tiny floor. The floor includes one unit
     roundoff of the largest reference value: no result beats the rounding of its own dtype (this
     matters for large reductions such as bias gradients, where both errors are mostly that rounding).
 
-    Where the PyTorch op itself leaves the dtype's range (Inf/NaN: its error there is unbounded), the
-    rule allows anything; everywhere else the kernel must be finite and within the rule.
+    Overflow: where the PyTorch op leaves the dtype's range (Inf/NaN: its error there is unbounded) the
+    rule allows anything, and so where the exact value itself rounds to Inf in the dtype. The kernel may
+    also round to Inf where the exact value is within the rule's tolerance of the overflow threshold
+    (Inf is then the rounding of an admissible value). Everywhere else it must be finite.
+
+    ``rule_min_elements``: outputs with fewer finite elements get the finiteness check only. Across seeds,
+    the max error over a handful of numbers (a bias gradient of a few channels, summed from inputs whose
+    rounding is correlated along the reduction) is one draw of a random variable, and the ratio of two such
+    draws exceeds 2 by chance. Returns whether the rule was checked (False with
+    ``allow_overflow_everywhere`` when PyTorch overflowed everywhere, or for a small output).
     """
     assert ref64.isfinite().all(), f"{name}: the float64 reference is not finite; pick other inputs"
-    ok = torch_out.isfinite()
-    assert ok.any(), f"{name}: the PyTorch op overflows everywhere; the rule checks nothing"
-    bad = ok & ~kernel_out.isfinite()
+    fi = torch.finfo(kernel_out.dtype)
+    ok = torch_out.isfinite() & ref64.to(kernel_out.dtype).isfinite()
+    if not ok.any():
+        assert allow_overflow_everywhere, f"{name}: the results overflow everywhere; the rule checks nothing"
+        return False
+    t_err = max_err(torch_out[ok], ref64[ok])
+    floor = floor + fi.eps / 2 * ref64[ok].abs().max().item()
+    tol = 2 * t_err + floor
+    threshold = fi.max + fi.eps * 2.0 ** math.floor(math.log2(fi.max)) / 2  # rounds to Inf from here on
+    inf = ok & ~kernel_out.isfinite()
+    bad = inf & (ref64.abs() + tol < threshold)
     assert not bad.any(), f"{name}: kernel gives Inf/NaN at {int(bad.sum())} positions where PyTorch is finite"
-    k_err, t_err = max_err(kernel_out[ok], ref64[ok]), max_err(torch_out[ok], ref64[ok])
-    floor = floor + torch.finfo(kernel_out.dtype).eps / 2 * ref64[ok].abs().max().item()
-    assert k_err <= 2 * t_err + floor, f"{name}: kernel err {k_err:.3e} > 2 x torch err {t_err:.3e} + {floor:.3e}"
+    ok = ok & ~inf
+    if int(ok.sum()) < rule_min_elements:
+        return False
+    k_err = max_err(kernel_out[ok], ref64[ok])
+    assert k_err <= tol, f"{name}: kernel err {k_err:.3e} > 2 x torch err {t_err:.3e} + {floor:.3e}"
+    return True
 
 
 def assert_backends_agree(module, *inputs):
@@ -209,16 +262,3 @@ def assert_backends_agree(module, *inputs):
     module.backend = "reference"
     torch.testing.assert_close(out, module(*inputs))
 
-
-def sdpa_low_precision(q, k, v, num_heads, scale=None, rotary=True, backend=None):
-    """PyTorch's own attention op (SDPA) in the inputs' precision, rotary applied in that precision too:
-    the low-precision comparison for multichannel attention."""
-    from ftkernels import reference
-
-    qh, kh, vh = (reference._split_heads(t, num_heads) for t in (q, k, v))
-    if rotary:
-        qh, kh = reference.apply_rotary(qh), reference.apply_rotary(kh)
-    d = q.shape[2] // num_heads
-    o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, scale=1 / math.sqrt(d) if scale is None
-                                                         else scale)
-    return o.transpose(-1, -2).reshape(q.shape)

@@ -25,12 +25,10 @@ def _ffn_args():
     ("squared_relu_ffn", _ffn_args),
 ])
 def test_opcheck(op, make):
-    torch.manual_seed(0)
     torch.library.opcheck(getattr(torch.ops.ftkernels, op).default, make())
 
 
 def test_opcheck_backward_ops():
-    torch.manual_seed(0)
     x, wpw, wdw, bpw, _ = _mcl_args()
     g = rand(2, 4, 6, 7, requires_grad=False)
     torch.library.opcheck(torch.ops.ftkernels.multichannel_linear_backward.default,
@@ -52,7 +50,6 @@ class Block(torch.nn.Module):
 
 
 def test_torch_compile_fullgraph_matches_eager():
-    torch.manual_seed(0)
     m = Block().double().to(KERNEL_DEVICE)
     x = rand(2, 3, 8, 6)
     eager = m(x)
