@@ -7,8 +7,11 @@ Kernels
 -------
 The features axis is strided (stride W in a contiguous tensor) while frames are contiguous, so a program
 takes BW neighbouring frames of one (b, c) -- coalesced loads along frames -- and walks the features in BF
-chunks: pass 1 sums for the mean, pass 2 the centred squares for the variance (two-pass: no cancellation
-on large-mean inputs such as magnitude spectrograms), pass 3 writes y. Re-reads of the (F x BW) slab hit L2.
+chunks: the statistics pass takes each chunk's mean and centred sum of squares in registers and merges them
+into running ones (Chan et al.'s parallel update: one read of x, no E[x^2] - E[x]^2 cancellation), all
+relative to the frame's first feature as a shift (exact differences, so a large common offset such as a
+magnitude spectrogram's costs no digits); the second pass writes y from the same shifted values. The
+re-read of the (F x BW) slab hits L2.
 ``_frame_norm_fwd_kernel`` also stores mean/rstd (B, C, W) fp32 (fp64 for the float64 interpreter oracle)
 for backward (and the feed-forward's fused-norm prologue, which runs it with ``STORE_Y=False``).
 
@@ -50,27 +53,35 @@ def _frame_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_f32_ptr, rstd_f32_pt
     b = tl.program_id(2)
     offs_w = pid_w * BW + tl.arange(0, BW)
     mask_w = offs_w < W
-    x_base = x_ptr + b.to(tl.int64) * s_xb + c.to(tl.int64) * s_xc + offs_w[None, :] * s_xw
+    x_row = x_ptr + b.to(tl.int64) * s_xb + c.to(tl.int64) * s_xc + offs_w * s_xw  # feature 0 of each frame
+    x_base = x_row[None, :]
     stat = (b * C + c).to(tl.int64) * W + offs_w
     if LOAD_STATS:
-        mean = tl.load(mean_f32_ptr + stat, mask=mask_w, other=0.0)
+        shift = tl.load(mean_f32_ptr + stat, mask=mask_w, other=0.0).to(ACC)
+        mean_s = tl.zeros((BW,), dtype=ACC)
         rstd = tl.load(rstd_f32_ptr + stat, mask=mask_w, other=0.0)
     else:
-        acc = tl.zeros((BW,), dtype=ACC)
+        # One pass over x: per chunk, the mean and centred sum of squares of its BF features (two-pass in
+        # registers), merged into the running ones with Chan et al.'s parallel update. Everything is
+        # relative to a shift, the frame's first feature: x - shift is exact for x near it (Sterbenz), so a
+        # large common offset (magnitude spectrograms) never enters the sums and costs no digits.
+        shift = tl.load(x_row, mask=mask_w, other=0.0).to(ACC)
+        mean_s = tl.zeros((BW,), dtype=ACC)
+        m2 = tl.zeros((BW,), dtype=ACC)
         for f0 in range(0, F, BF):
             offs_f = f0 + tl.arange(0, BF)
             m = (offs_f[:, None] < F) & mask_w[None, :]
-            acc += tl.sum(tl.load(x_base + offs_f[:, None] * s_xf, mask=m, other=0.0).to(ACC), axis=0)
-        mean = acc / F
-        acc = tl.zeros((BW,), dtype=ACC)
-        for f0 in range(0, F, BF):
-            offs_f = f0 + tl.arange(0, BF)
-            m = (offs_f[:, None] < F) & mask_w[None, :]
-            xc = tl.load(x_base + offs_f[:, None] * s_xf, mask=m, other=0.0).to(ACC) - mean[None, :]
-            xc = tl.where(m, xc, 0.0)
-            acc += tl.sum(xc * xc, axis=0)
-        rstd = 1.0 / tl.sqrt(acc / F + eps)
-        tl.store(mean_f32_ptr + stat, mean, mask=mask_w)
+            xs = tl.load(x_base + offs_f[:, None] * s_xf, mask=m, other=0.0).to(ACC) - shift[None, :]
+            xs = tl.where(m, xs, 0.0)
+            n_a = f0  # features merged so far; counts are ints, promoted to ACC by the ACC factor before them
+            n_b = tl.minimum(F - f0, BF)
+            mean_b = tl.sum(xs, axis=0) / n_b
+            d = tl.where(m, xs - mean_b[None, :], 0.0)
+            delta = mean_b - mean_s
+            mean_s += delta * n_b / (n_a + n_b)
+            m2 += tl.sum(d * d, axis=0) + delta * delta * n_a * n_b / (n_a + n_b)
+        rstd = 1.0 / tl.sqrt(m2 / F + eps)
+        tl.store(mean_f32_ptr + stat, shift + mean_s, mask=mask_w)
         tl.store(rstd_f32_ptr + stat, rstd, mask=mask_w)
     if STORE_Y:
         y_base = y_ptr + b.to(tl.int64) * s_yb + c.to(tl.int64) * s_yc + offs_w[None, :] * s_yw
@@ -81,7 +92,7 @@ def _frame_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_f32_ptr, rstd_f32_pt
             x = tl.load(x_base + offs_f[:, None] * s_xf, mask=m, other=0.0).to(ACC)
             g = tl.load(w_ptr + c * s_wc + offs_f * s_wf, mask=mask_f, other=0.0).to(ACC)
             bt = tl.load(b_ptr + c * s_bc + offs_f * s_bf, mask=mask_f, other=0.0).to(ACC)
-            y = (x - mean[None, :]) * rstd[None, :] * g[:, None] + bt[:, None]
+            y = ((x - shift[None, :]) - mean_s[None, :]) * rstd[None, :] * g[:, None] + bt[:, None]
             tl.store(y_base + offs_f[:, None] * s_yf, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
