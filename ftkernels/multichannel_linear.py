@@ -523,8 +523,9 @@ def _mcl_backward_op(grad: Tensor, x: Tensor, weight_pw: Optional[Tensor], weigh
 
 @_mcl_backward_op.register_fake
 def _(grad, x, weight_pw, weight_dw, bias_pw, has_bias_dw):
+    # the kernels return new contiguous gradients whatever the inputs' strides (not empty_like's layout)
     like = (x, weight_pw, weight_dw, bias_pw, weight_dw[:, 0] if weight_dw is not None and has_bias_dw else None)
-    return [torch.empty_like(t) if t is not None else x.new_empty(0) for t in like]
+    return [x.new_empty(t.shape) if t is not None else x.new_empty(0) for t in like]
 
 
 def _mcl_setup_context(ctx, inputs, output):

@@ -134,7 +134,8 @@ def _(grad, x, hidden, mean, rstd, weight1_pw, weight2_pw, weight1_dw, bias1_pw,
     C, F = x.shape[1], x.shape[2]
     nw = x.new_empty((C, F)) if norm else None
     like = (x, weight1_pw, weight2_pw, weight1_dw, bias1_pw, b1dw, weight2_dw, bias2_pw, b2dw, nw, nw)
-    return [torch.empty_like(t) if t is not None else x.new_empty(0) for t in like]
+    # new contiguous gradients whatever the inputs' strides, as the kernels return them
+    return [x.new_empty(t.shape) if t is not None else x.new_empty(0) for t in like]
 
 
 def _setup_context(ctx, inputs, output):
