@@ -41,20 +41,48 @@ def get_backend() -> str:
     return _default_backend
 
 
-def use_triton(x: torch.Tensor, backend: Optional[str]) -> bool:
-    """Whether an op called on ``x`` with ``backend`` runs the Triton kernels."""
+def functorch_autograd_active() -> bool:
+    """Whether a torch.func autograd transform (grad, vjp, jacrev, jacfwd, jvp, hessian) is running.
+
+    torch 2.13's custom-op autograd registration builds an ``autograd.Function`` without the
+    ``setup_context`` staticmethod that these transforms need, so the ops' Triton path cannot run under
+    one (``vmap`` alone works: PyTorch loops the kernels over the batch). Not checked while torch.compile
+    traces (dynamo handles transforms itself).
+    """
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None:
+        return False
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(i.key() in (TransformType.Grad, TransformType.Jvp) for i in retrieve_all_functorch_interpreters())
+
+
+def _kernel_device(x: torch.Tensor) -> bool:
+    """Where backend="auto" runs the kernels: CUDA tensors in fp32/fp16/bf16."""
+    return x.is_cuda and x.dtype != torch.float64
+
+
+def use_triton(x: torch.Tensor, backend: Optional[str], op: str = "op") -> bool:
+    """Whether the op ``op`` called on ``x`` with ``backend`` runs the Triton kernels."""
     name = _check_backend(backend) if backend is not None else _default_backend
     if name == "reference":
         return False
     if name == "triton":
+        if functorch_autograd_active():
+            raise RuntimeError(
+                f"ftkernels.{op}: torch.func autograd transforms (grad, vjp, jacrev, jacfwd, jvp, hessian) cannot "
+                "run the Triton kernels: torch 2.13's custom-op autograd registration does not support them. "
+                "Use backend='reference' (plain PyTorch, supports every torch.func transform; backend='auto' "
+                "takes it automatically under a transform) or torch.autograd.grad for gradients through the "
+                "kernels.")
         if not (x.is_cuda or INTERPRET):
             raise RuntimeError(
-                "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter); "
-                f"got a tensor on {x.device}. Use backend='auto' or 'reference' on CPU."
+                f"ftkernels.{op}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU "
+                f"interpreter); got a tensor on {x.device}. Use backend='auto' or 'reference' on CPU."
             )
         return True
-    # auto: the kernels cover fp32/fp16/bf16 on CUDA; everything else takes the reference
-    return x.is_cuda and x.dtype != torch.float64
+    # auto: the kernels cover fp32/fp16/bf16 on CUDA, outside torch.func autograd transforms
+    return _kernel_device(x) and not functorch_autograd_active()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -280,7 +280,7 @@ def frame_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
             else weight
         bias = bias.to(x.dtype) if isinstance(bias, Tensor) and torch.is_autocast_enabled(x.device.type) else bias
     check_inputs(x, weight, bias, eps)
-    if not common.use_triton(x, backend):
+    if not common.use_triton(x, backend, "frame_norm"):
         return reference.frame_norm(x, weight, bias, eps)
     common.kernel_dtype_ok(x)
     return _frame_norm_op(x, weight, bias, float(eps))[0]

@@ -452,7 +452,7 @@ def multichannel_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scal
     num_heads = int(num_heads)
     d = q.shape[2] // num_heads
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    if not common.use_triton(q, backend):
+    if not common.use_triton(q, backend, "multichannel_attention"):
         return reference.multichannel_attention(q, k, v, num_heads, scale, bool(rotary))
     common.kernel_dtype_ok(q, "q")
     if d > MAX_HEAD_DIM:

@@ -583,7 +583,7 @@ def multichannel_linear(x: Tensor, weight_pw: Optional[Tensor] = None, weight_dw
     """
     x, weight_pw, weight_dw, bias_pw, bias_dw = common.autocast_inputs(x, weight_pw, weight_dw, bias_pw, bias_dw)
     check_inputs(x, weight_pw, weight_dw, bias_pw, bias_dw)
-    if not common.use_triton(x, backend):
+    if not common.use_triton(x, backend, "multichannel_linear"):
         return reference.multichannel_linear(x, weight_pw, weight_dw, bias_pw, bias_dw)
     common.kernel_dtype_ok(x)
     return _mcl_op(x, weight_pw, weight_dw, bias_pw, bias_dw)

@@ -193,7 +193,7 @@ def squared_relu_ffn(x: Tensor, weight1_pw: Tensor, weight2_pw: Tensor, weight1_
     if norm:
         _fn.check_inputs(x, nw, nb, eps)
     common.check_same(x, dict(zip(_PARAMS, (w1pw, w2pw, w1dw, b1pw, b1dw, w2dw, b2pw, b2dw, nw, nb))))
-    if not common.use_triton(x, backend):
+    if not common.use_triton(x, backend, "squared_relu_ffn"):
         return reference.squared_relu_ffn(x, w1pw, w2pw, w1dw, b1pw, b1dw, w2dw, b2pw, b2dw, nw, nb, eps, norm)
     common.kernel_dtype_ok(x)
     return _ffn_op(x, w1pw, w2pw, w1dw, b1pw, b1dw, w2dw, b2pw, b2dw, nw, nb, float(eps), bool(norm))[0]
