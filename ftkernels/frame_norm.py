@@ -265,8 +265,7 @@ def check_inputs(x, weight, bias, eps) -> None:
     common.check_shape(weight, "weight", (C, F), "(C, F)")
     common.check_shape(bias, "bias", (C, F), "(C, F)")
     common.check_same(x, {"weight": weight, "bias": bias})
-    if not (isinstance(eps, (int, float)) and eps > 0):
-        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    common.check_eps(eps)
 
 
 def frame_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5,
@@ -275,10 +274,9 @@ def frame_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
 
     Statistics in fp32 whatever the input dtype. Under autocast the affine parameters follow x's dtype.
     """
-    if isinstance(x, Tensor) and x.is_floating_point():
-        weight = weight.to(x.dtype) if isinstance(weight, Tensor) and torch.is_autocast_enabled(x.device.type) \
-            else weight
-        bias = bias.to(x.dtype) if isinstance(bias, Tensor) and torch.is_autocast_enabled(x.device.type) else bias
+    if isinstance(x, Tensor) and x.is_floating_point() and common.autocast_dtype(x.device.type) is not None:
+        weight = weight.to(x.dtype) if isinstance(weight, Tensor) else weight
+        bias = bias.to(x.dtype) if isinstance(bias, Tensor) else bias
     check_inputs(x, weight, bias, eps)
     if not common.use_triton(x, backend, "frame_norm"):
         return reference.frame_norm(x, weight, bias, eps)
@@ -286,11 +284,14 @@ def frame_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
     return _frame_norm_op(x, weight, bias, float(eps))[0]
 
 
-class FrameNorm(nn.Module):
+class FrameNorm(common.BackendAttribute, nn.Module):
     """Layer norm over each frame's features with per-channel affine (C, F). (B, C, F, W) -> same."""
 
     def __init__(self, channels: int, features: int, eps: float = 1e-5, backend: Optional[str] = None):
         super().__init__()
+        channels, features = common.check_positive_int(channels, "channels"), common.check_positive_int(features,
+                                                                                                        "features")
+        common.check_eps(eps)
         self.eps = eps
         self.backend = backend
         self.weight = nn.Parameter(torch.ones(channels, features))

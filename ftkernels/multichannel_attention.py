@@ -461,7 +461,7 @@ def multichannel_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scal
     return _mca_op(q, k, v, num_heads, scale, bool(rotary))[0]
 
 
-class MultichannelMultiheadAttention(nn.Module):
+class MultichannelMultiheadAttention(common.BackendAttribute, nn.Module):
     """Multichannel multi-head attention (the frame transformer's): q/k/v/out projections are
     ``MultichannelLinear(channels, channels, features, features, depthwise=True)`` (position-wise and
     depth-wise), attention over frames with rotary embedding. (B, C, F, W) [, mem (B, C, F, Wm)] -> (B, C, F, W).
@@ -472,8 +472,17 @@ class MultichannelMultiheadAttention(nn.Module):
     def __init__(self, channels: int, num_heads: int, features: int, rotary: bool = True,
                  scale: Optional[float] = None, bias: bool = False, backend: Optional[str] = None):
         super().__init__()
+        channels, features = common.check_positive_int(channels, "channels"), common.check_positive_int(features,
+                                                                                                        "features")
+        num_heads = common.check_positive_int(num_heads, "num_heads")
         if features % num_heads != 0:
-            raise ValueError(f"num_heads must divide features={features}, got {num_heads}")
+            raise ValueError(f"num_heads={num_heads} must divide features={features}")
+        if rotary and (features // num_heads) % 2 != 0:
+            raise ValueError(f"rotary needs an even head dim, got features / num_heads = {features} / {num_heads} = "
+                             f"{features // num_heads}; change num_heads or pass rotary=False")
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
+                                  or not math.isfinite(scale)):
+            raise ValueError(f"scale must be finite float or None, got {scale!r}")
         self.channels, self.num_heads, self.features = channels, num_heads, features
         self.rotary = rotary
         self.scale = 1.0 / math.sqrt(features) if scale is None else float(scale)

@@ -589,7 +589,7 @@ def multichannel_linear(x: Tensor, weight_pw: Optional[Tensor] = None, weight_dw
     return _mcl_op(x, weight_pw, weight_dw, bias_pw, bias_dw)
 
 
-class MultichannelLinear(nn.Module):
+class MultichannelLinear(common.BackendAttribute, nn.Module):
     """Parallel per-channel linear layers along features, with an optional depth-wise channel mix.
 
     (B, in_channels, in_features, W) -> (B, out_channels, out_features, W). As in the seed, the position-wise
@@ -601,6 +601,9 @@ class MultichannelLinear(nn.Module):
                  positionwise: bool = True, depthwise: bool = False, bias: bool = False,
                  backend: Optional[str] = None):
         super().__init__()
+        in_channels, out_channels, in_features, out_features = (
+            common.check_positive_int(v, n) for v, n in ((in_channels, "in_channels"), (out_channels, "out_channels"),
+                                                         (in_features, "in_features"), (out_features, "out_features")))
         self.in_channels, self.out_channels = in_channels, out_channels
         self.in_features, self.out_features = in_features, out_features
         self.backend = backend

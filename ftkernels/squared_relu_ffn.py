@@ -31,6 +31,8 @@ Saved for backward: x, the hidden activation (h or a), mean, rstd.
 from __future__ import annotations
 
 import importlib
+import math
+import numbers
 from typing import List, Optional, Tuple
 
 import torch
@@ -199,7 +201,7 @@ def squared_relu_ffn(x: Tensor, weight1_pw: Tensor, weight2_pw: Tensor, weight1_
     return _ffn_op(x, w1pw, w2pw, w1dw, b1pw, b1dw, w2dw, b2pw, b2dw, nw, nb, float(eps), bool(norm))[0]
 
 
-class SquaredReLUFeedForward(nn.Module):
+class SquaredReLUFeedForward(common.BackendAttribute, nn.Module):
     """Pre-norm squared-ReLU feed-forward on multichannel linears.
 
     (B, channels, features, W) -> (B, out_channels, out_features, W); hidden = int(features * expansion).
@@ -211,9 +213,17 @@ class SquaredReLUFeedForward(nn.Module):
                  out_features: Optional[int] = None, depthwise: bool = True, bias: bool = False, norm: bool = True,
                  eps: float = 1e-5, backend: Optional[str] = None):
         super().__init__()
-        out_channels = out_channels or channels
-        out_features = out_features or features
+        channels, features = common.check_positive_int(channels, "channels"), common.check_positive_int(features,
+                                                                                                        "features")
+        out_channels = channels if out_channels is None else common.check_positive_int(out_channels, "out_channels")
+        out_features = features if out_features is None else common.check_positive_int(out_features, "out_features")
+        if isinstance(expansion, bool) or not isinstance(expansion, numbers.Real) or not (
+                math.isfinite(expansion) and expansion > 0):
+            raise ValueError(f"expansion must be a positive float, got {expansion!r}")
         hidden = int(features * expansion)
+        if hidden < 1:
+            raise ValueError(f"hidden features int({features} * {expansion}) = {hidden}: raise expansion")
+        common.check_eps(eps)
         self.backend = backend
         self.norm = FrameNorm(channels, features, eps, backend=backend) if norm else None
         self.linear1 = MultichannelLinear(channels, out_channels, features, hidden, depthwise=depthwise, bias=bias,
