@@ -8,7 +8,7 @@ import dataclasses
 import importlib
 import math
 import os
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import pytest
 import torch

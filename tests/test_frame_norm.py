@@ -6,8 +6,8 @@ from hypothesis import strategies as st
 
 import ftkernels
 from ftkernels import reference
-from helpers import LOW_PRECISION, KERNEL_DEVICE, TEST_SEED, assert_backends_agree, assert_close_all, assert_low_precision_ok, \
-    gpu_or_cpu, grads, rand
+from helpers import LOW_PRECISION, KERNEL_DEVICE, TEST_SEED, assert_backends_agree, assert_close_all, \
+    assert_low_precision_ok, gpu_or_cpu, grads, rand
 
 
 def make(B, C, F, W, dtype=torch.float64, noncontig=False, device=KERNEL_DEVICE, offset=0.0):
