@@ -6,12 +6,15 @@ Backends
 ``"reference"``  the plain-PyTorch reference (any device; the oracle in tests).
 ``"auto"``       (default) Triton for CUDA tensors, the reference otherwise.
 
-The default comes from the ``FTKERNELS_BACKEND`` environment variable and can be changed with
-:func:`set_backend`; every functional op and module also takes ``backend=`` to override it.
+The default comes from the ``FTKERNELS_BACKEND`` environment variable (case-insensitive; unset or empty
+means ``"auto"``) and can be changed with :func:`set_backend`; every functional op and module also takes
+``backend=`` to override it. Meta tensors work on every backend (the Triton path runs the ops' fake kernels).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -23,12 +26,25 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _check_backend(name: str) -> str:
-    if name not in BACKENDS:
+    if not isinstance(name, str) or name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     return name
 
 
-_default_backend = _check_backend(os.environ.get("FTKERNELS_BACKEND", "auto"))
+def check_backend_arg(name: Optional[str]) -> Optional[str]:
+    """A module's ``backend``: None (the process default) or one of BACKENDS."""
+    return None if name is None else _check_backend(name)
+
+
+def _backend_from_env() -> str:
+    raw = os.environ.get("FTKERNELS_BACKEND", "")
+    name = raw.strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"FTKERNELS_BACKEND must be one of {BACKENDS} (or unset/empty for 'auto'), got {raw!r}")
+    return name
+
+
+_default_backend = _backend_from_env()
 
 
 def set_backend(name: str) -> None:
@@ -41,20 +57,48 @@ def get_backend() -> str:
     return _default_backend
 
 
-def use_triton(x: torch.Tensor, backend: Optional[str]) -> bool:
-    """Whether an op called on ``x`` with ``backend`` runs the Triton kernels."""
+def functorch_autograd_active() -> bool:
+    """Whether a torch.func autograd transform (grad, vjp, jacrev, jacfwd, jvp, hessian) is running.
+
+    torch 2.13's custom-op autograd registration builds an ``autograd.Function`` without the
+    ``setup_context`` staticmethod that these transforms need, so the ops' Triton path cannot run under
+    one (``vmap`` alone works: PyTorch loops the kernels over the batch). Not checked while torch.compile
+    traces (dynamo handles transforms itself).
+    """
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None:
+        return False
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(i.key() in (TransformType.Grad, TransformType.Jvp) for i in retrieve_all_functorch_interpreters())
+
+
+def _kernel_device(x: torch.Tensor) -> bool:
+    """Where backend="auto" runs the kernels: CUDA tensors in fp32/fp16/bf16."""
+    return x.is_cuda and x.dtype != torch.float64
+
+
+def use_triton(x: torch.Tensor, backend: Optional[str], op: str = "op") -> bool:
+    """Whether the op ``op`` called on ``x`` with ``backend`` runs the Triton kernels."""
     name = _check_backend(backend) if backend is not None else _default_backend
     if name == "reference":
         return False
     if name == "triton":
-        if not (x.is_cuda or INTERPRET):
+        if functorch_autograd_active():
             raise RuntimeError(
-                "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter); "
-                f"got a tensor on {x.device}. Use backend='auto' or 'reference' on CPU."
+                f"ftkernels.{op}: torch.func autograd transforms (grad, vjp, jacrev, jacfwd, jvp, hessian) cannot "
+                "run the Triton kernels: torch 2.13's custom-op autograd registration does not support them. "
+                "Use backend='reference' (plain PyTorch, supports every torch.func transform; backend='auto' "
+                "takes it automatically under a transform) or torch.autograd.grad for gradients through the "
+                "kernels.")
+        if not (x.is_cuda or x.is_meta or INTERPRET):
+            raise RuntimeError(
+                f"ftkernels.{op}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU "
+                f"interpreter); got a tensor on {x.device}. Use backend='auto' or 'reference' on CPU."
             )
         return True
-    # auto: the kernels cover fp32/fp16/bf16 on CUDA; everything else takes the reference
-    return x.is_cuda and x.dtype != torch.float64
+    # auto: the kernels cover fp32/fp16/bf16 on CUDA, outside torch.func autograd transforms
+    return _kernel_device(x) and not functorch_autograd_active()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,18 +141,58 @@ def check_nonempty(x: torch.Tensor, name: str, dims: str) -> None:
         raise ValueError(f"{name} must be non-empty, got shape {tuple(x.shape)} for {dims}")
 
 
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype if autocast is enabled for ``device_type`` (None on devices without autocast,
+    such as meta)."""
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def autocast_inputs(*tensors):
-    """Under autocast, cast floating inputs to the autocast dtype (as torch.matmul would)."""
+    """Under autocast, cast inputs as torch.matmul does: floating tensors on the autocast device except
+    float64 (autocast leaves float64 alone) to the autocast dtype."""
     for t in tensors:
         if isinstance(t, torch.Tensor):
             dev = t.device.type
             break
     else:
         return tensors
-    if not torch.is_autocast_enabled(dev):
+    dtype = autocast_dtype(dev)
+    if dtype is None:
         return tensors
-    dtype = torch.get_autocast_dtype(dev)
-    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+
+    def cast(t):
+        eligible = (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                    and t.device.type == dev)
+        return t.to(dtype) if eligible else t
+    return tuple(cast(t) for t in tensors)
+
+
+def check_eps(eps) -> float:
+    """eps: a positive finite real number (Python or NumPy scalar; not a bool or a tensor)."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    return float(eps)
+
+
+def check_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+class BackendAttribute:
+    """Mixin for the op modules: ``backend`` (None = the process default, or one of BACKENDS), validated when
+    set (in the constructor, by FrameTransformer.set_backend, or by hand), not at the first forward."""
+
+    @property
+    def backend(self) -> Optional[str]:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: Optional[str]) -> None:
+        self._backend = check_backend_arg(name)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,8 +7,11 @@ Kernels
 -------
 The features axis is strided (stride W in a contiguous tensor) while frames are contiguous, so a program
 takes BW neighbouring frames of one (b, c) -- coalesced loads along frames -- and walks the features in BF
-chunks: pass 1 sums for the mean, pass 2 the centred squares for the variance (two-pass: no cancellation
-on large-mean inputs such as magnitude spectrograms), pass 3 writes y. Re-reads of the (F x BW) slab hit L2.
+chunks: the statistics pass takes each chunk's mean and centred sum of squares in registers and merges them
+into running ones (Chan et al.'s parallel update: one read of x, no E[x^2] - E[x]^2 cancellation), all
+relative to the frame's first feature as a shift (exact differences, so a large common offset such as a
+magnitude spectrogram's costs no digits); the second pass writes y from the same shifted values. The
+re-read of the (F x BW) slab hits L2.
 ``_frame_norm_fwd_kernel`` also stores mean/rstd (B, C, W) fp32 (fp64 for the float64 interpreter oracle)
 for backward (and the feed-forward's fused-norm prologue, which runs it with ``STORE_Y=False``).
 
@@ -16,6 +19,11 @@ for backward (and the feed-forward's fused-norm prologue, which runs it with ``S
 g = dy * weight, pass 2 writes dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); the same program writes
 this block's partial dweight = sum_w dy * xhat and dbias = sum_w dy into a (B * W-blocks, C, F) fp32
 buffer that is summed afterwards (deterministic, no atomics).
+
+Layouts: x, dy, weight and bias are read through their strides (views cost no copy; a missing weight/bias
+is one cached element broadcast through zero strides). mean/rstd are this module's own contiguous outputs;
+passed back in (backward, the feed-forward) they are made contiguous on the host, a no-op for them.
+y, dx, dweight, dbias are new contiguous tensors.
 """
 from __future__ import annotations
 
@@ -35,9 +43,9 @@ BF, BW = 32, 64  # feature chunk x frame block
 
 @triton.jit
 def _frame_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_f32_ptr, rstd_f32_ptr, C, F, W, eps,
-                           s_xb, s_xc, s_xf, s_xw, s_yb, s_yc, s_yf, s_yw,
+                           s_xb, s_xc, s_xf, s_xw, s_wc, s_wf, s_bc, s_bf, s_yb, s_yc, s_yf, s_yw,
                            STORE_Y: tl.constexpr, LOAD_STATS: tl.constexpr, BF: tl.constexpr, BW: tl.constexpr):
-    """grid (W-blocks, C, B); weight/bias (C, F) contiguous; mean/rstd (B, C, W) contiguous fp32, computed and
+    """grid (W-blocks, C, B); weight/bias (C, F) any strides; mean/rstd (B, C, W) contiguous fp32, computed and
     stored, or with LOAD_STATS read from an earlier pass (the feed-forward's backward re-normalising x)."""
     ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid_w = tl.program_id(0)
@@ -45,27 +53,35 @@ def _frame_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_f32_ptr, rstd_f32_pt
     b = tl.program_id(2)
     offs_w = pid_w * BW + tl.arange(0, BW)
     mask_w = offs_w < W
-    x_base = x_ptr + b.to(tl.int64) * s_xb + c.to(tl.int64) * s_xc + offs_w[None, :] * s_xw
+    x_row = x_ptr + b.to(tl.int64) * s_xb + c.to(tl.int64) * s_xc + offs_w * s_xw  # feature 0 of each frame
+    x_base = x_row[None, :]
     stat = (b * C + c).to(tl.int64) * W + offs_w
     if LOAD_STATS:
-        mean = tl.load(mean_f32_ptr + stat, mask=mask_w, other=0.0)
+        shift = tl.load(mean_f32_ptr + stat, mask=mask_w, other=0.0).to(ACC)
+        mean_s = tl.zeros((BW,), dtype=ACC)
         rstd = tl.load(rstd_f32_ptr + stat, mask=mask_w, other=0.0)
     else:
-        acc = tl.zeros((BW,), dtype=ACC)
+        # One pass over x: per chunk, the mean and centred sum of squares of its BF features (two-pass in
+        # registers), merged into the running ones with Chan et al.'s parallel update. Everything is
+        # relative to a shift, the frame's first feature: x - shift is exact for x near it (Sterbenz), so a
+        # large common offset (magnitude spectrograms) never enters the sums and costs no digits.
+        shift = tl.load(x_row, mask=mask_w, other=0.0).to(ACC)
+        mean_s = tl.zeros((BW,), dtype=ACC)
+        m2 = tl.zeros((BW,), dtype=ACC)
         for f0 in range(0, F, BF):
             offs_f = f0 + tl.arange(0, BF)
             m = (offs_f[:, None] < F) & mask_w[None, :]
-            acc += tl.sum(tl.load(x_base + offs_f[:, None] * s_xf, mask=m, other=0.0).to(ACC), axis=0)
-        mean = acc / F
-        acc = tl.zeros((BW,), dtype=ACC)
-        for f0 in range(0, F, BF):
-            offs_f = f0 + tl.arange(0, BF)
-            m = (offs_f[:, None] < F) & mask_w[None, :]
-            xc = tl.load(x_base + offs_f[:, None] * s_xf, mask=m, other=0.0).to(ACC) - mean[None, :]
-            xc = tl.where(m, xc, 0.0)
-            acc += tl.sum(xc * xc, axis=0)
-        rstd = 1.0 / tl.sqrt(acc / F + eps)
-        tl.store(mean_f32_ptr + stat, mean, mask=mask_w)
+            xs = tl.load(x_base + offs_f[:, None] * s_xf, mask=m, other=0.0).to(ACC) - shift[None, :]
+            xs = tl.where(m, xs, 0.0)
+            n_a = f0  # features merged so far; counts are ints, promoted to ACC by the ACC factor before them
+            n_b = tl.minimum(F - f0, BF)
+            mean_b = tl.sum(xs, axis=0) / n_b
+            d = tl.where(m, xs - mean_b[None, :], 0.0)
+            delta = mean_b - mean_s
+            mean_s += delta * n_b / (n_a + n_b)
+            m2 += tl.sum(d * d, axis=0) + delta * delta * n_a * n_b / (n_a + n_b)
+        rstd = 1.0 / tl.sqrt(m2 / F + eps)
+        tl.store(mean_f32_ptr + stat, shift + mean_s, mask=mask_w)
         tl.store(rstd_f32_ptr + stat, rstd, mask=mask_w)
     if STORE_Y:
         y_base = y_ptr + b.to(tl.int64) * s_yb + c.to(tl.int64) * s_yc + offs_w[None, :] * s_yw
@@ -74,15 +90,16 @@ def _frame_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_f32_ptr, rstd_f32_pt
             mask_f = offs_f < F
             m = mask_f[:, None] & mask_w[None, :]
             x = tl.load(x_base + offs_f[:, None] * s_xf, mask=m, other=0.0).to(ACC)
-            g = tl.load(w_ptr + c * F + offs_f, mask=mask_f, other=0.0).to(ACC)
-            bt = tl.load(b_ptr + c * F + offs_f, mask=mask_f, other=0.0).to(ACC)
-            y = (x - mean[None, :]) * rstd[None, :] * g[:, None] + bt[:, None]
+            g = tl.load(w_ptr + c * s_wc + offs_f * s_wf, mask=mask_f, other=0.0).to(ACC)
+            bt = tl.load(b_ptr + c * s_bc + offs_f * s_bf, mask=mask_f, other=0.0).to(ACC)
+            y = ((x - shift[None, :]) - mean_s[None, :]) * rstd[None, :] * g[:, None] + bt[:, None]
             tl.store(y_base + offs_f[:, None] * s_yf, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def _frame_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_f32_ptr, rstd_f32_ptr, dx_ptr, dw_f32_ptr, db_f32_ptr,
-                           C, F, W, s_gb, s_gc, s_gf, s_gw, s_xb, s_xc, s_xf, s_xw, s_db, s_dc, s_df, s_dw,
+                           C, F, W, s_gb, s_gc, s_gf, s_gw, s_xb, s_xc, s_xf, s_xw, s_wc, s_wf,
+                           s_db, s_dc, s_df, s_dw,
                            BF: tl.constexpr, BW: tl.constexpr):
     """grid (W-blocks, C, B); partial dweight/dbias rows (b * W-blocks + pid_w, c, :) of (B*nWb, C, F) fp32."""
     ACC: tl.constexpr = tl.float64 if dy_ptr.dtype.element_ty == tl.float64 else tl.float32
@@ -107,7 +124,7 @@ def _frame_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_f32_ptr, rstd_f32_ptr, dx_
         xhat = (tl.load(x_base + offs_f[:, None] * s_xf, mask=m, other=0.0).to(ACC) - mean[None, :]) \
             * rstd[None, :]
         xhat = tl.where(m, xhat, 0.0)
-        gamma = tl.load(w_ptr + c * F + offs_f, mask=mask_f, other=0.0).to(ACC)
+        gamma = tl.load(w_ptr + c * s_wc + offs_f * s_wf, mask=mask_f, other=0.0).to(ACC)
         g = dy * gamma[:, None]
         sum_g += tl.sum(g, axis=0)
         sum_gx += tl.sum(g * xhat, axis=0)
@@ -123,7 +140,7 @@ def _frame_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_f32_ptr, rstd_f32_ptr, dx_
         dy = tl.load(g_base + offs_f[:, None] * s_gf, mask=m, other=0.0).to(ACC)
         xhat = (tl.load(x_base + offs_f[:, None] * s_xf, mask=m, other=0.0).to(ACC) - mean[None, :]) \
             * rstd[None, :]
-        gamma = tl.load(w_ptr + c * F + offs_f, mask=mask_f, other=0.0).to(ACC)
+        gamma = tl.load(w_ptr + c * s_wc + offs_f * s_wf, mask=mask_f, other=0.0).to(ACC)
         dx = rstd[None, :] * (dy * gamma[:, None] - mean_g[None, :] - xhat * mean_gx[None, :])
         tl.store(dx_base + offs_f[:, None] * s_df, dx.to(dx_ptr.dtype.element_ty), mask=m)
 
@@ -132,10 +149,23 @@ def _frame_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_f32_ptr, rstd_f32_ptr, dx_
 # launch code
 
 
+_CONSTANTS = {}
+
+
+def _constant(x: Tensor, value: float, shape) -> Tensor:
+    """One cached element broadcast to ``shape`` through zero strides (the kernels read through strides)."""
+    key = (x.device, x.dtype, value)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = _CONSTANTS[key] = torch.full((1,), value, device=x.device, dtype=x.dtype)
+    return t.expand(shape)
+
+
 def _affine(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """weight, bias (C, F) as given (any strides), ones / zeros when absent."""
     C, F = x.shape[1], x.shape[2]
-    w = weight.contiguous() if weight is not None else torch.ones((C, F), device=x.device, dtype=x.dtype)
-    b = bias.contiguous() if bias is not None else torch.zeros((C, F), device=x.device, dtype=x.dtype)
+    w = weight if weight is not None else _constant(x, 1.0, (C, F))
+    b = bias if bias is not None else _constant(x, 0.0, (C, F))
     return w, b
 
 
@@ -147,13 +177,13 @@ def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: fl
     w, b = _affine(x, weight, bias)
     y = torch.empty_like(x, memory_format=torch.contiguous_format) if store_y else x
     if saved_stats is not None:
-        mean, rstd = saved_stats
+        mean, rstd = (t.contiguous() for t in saved_stats)
     else:
         mean = torch.empty((B, C, W), device=x.device, dtype=common.stats_dtype(x.dtype))
         rstd = torch.empty_like(mean)
     _frame_norm_fwd_kernel[(triton.cdiv(W, BW), C, B)](
-        x, w, b, y, mean, rstd, C, F, W, eps, *x.stride(), *y.stride(), STORE_Y=store_y, LOAD_STATS=saved_stats is not None,
-        BF=BF, BW=BW, num_warps=4)
+        x, w, b, y, mean, rstd, C, F, W, eps, *x.stride(), *w.stride(), *b.stride(), *y.stride(), STORE_Y=store_y,
+        LOAD_STATS=saved_stats is not None, BF=BF, BW=BW, num_warps=4)
     return (y if store_y else x.new_empty(0)), mean, rstd
 
 
@@ -167,12 +197,13 @@ def backward(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd
     """[dx, dweight (C, F), dbias (C, F)]."""
     B, C, F, W = x.shape
     w, _ = _affine(x, weight, None)
+    mean, rstd = mean.contiguous(), rstd.contiguous()
     n_wb = triton.cdiv(W, BW)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     dw_part = torch.empty((B * n_wb, C, F), device=x.device, dtype=common.stats_dtype(x.dtype))
     db_part = torch.empty_like(dw_part)
     _frame_norm_bwd_kernel[(n_wb, C, B)](dy, x, w, mean, rstd, dx, dw_part, db_part, C, F, W, *dy.stride(),
-                                         *x.stride(), *dx.stride(), BF=BF, BW=BW, num_warps=4)
+                                         *x.stride(), *w.stride(), *dx.stride(), BF=BF, BW=BW, num_warps=4)
     return [dx, dw_part.sum(0).to(x.dtype), db_part.sum(0).to(x.dtype)]
 
 
@@ -234,8 +265,7 @@ def check_inputs(x, weight, bias, eps) -> None:
     common.check_shape(weight, "weight", (C, F), "(C, F)")
     common.check_shape(bias, "bias", (C, F), "(C, F)")
     common.check_same(x, {"weight": weight, "bias": bias})
-    if not (isinstance(eps, (int, float)) and eps > 0):
-        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    common.check_eps(eps)
 
 
 def frame_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5,
@@ -244,22 +274,24 @@ def frame_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
 
     Statistics in fp32 whatever the input dtype. Under autocast the affine parameters follow x's dtype.
     """
-    if isinstance(x, Tensor) and x.is_floating_point():
-        weight = weight.to(x.dtype) if isinstance(weight, Tensor) and torch.is_autocast_enabled(x.device.type) \
-            else weight
-        bias = bias.to(x.dtype) if isinstance(bias, Tensor) and torch.is_autocast_enabled(x.device.type) else bias
+    if isinstance(x, Tensor) and x.is_floating_point() and common.autocast_dtype(x.device.type) is not None:
+        weight = weight.to(x.dtype) if isinstance(weight, Tensor) else weight
+        bias = bias.to(x.dtype) if isinstance(bias, Tensor) else bias
     check_inputs(x, weight, bias, eps)
-    if not common.use_triton(x, backend):
+    if not common.use_triton(x, backend, "frame_norm"):
         return reference.frame_norm(x, weight, bias, eps)
     common.kernel_dtype_ok(x)
     return _frame_norm_op(x, weight, bias, float(eps))[0]
 
 
-class FrameNorm(nn.Module):
+class FrameNorm(common.BackendAttribute, nn.Module):
     """Layer norm over each frame's features with per-channel affine (C, F). (B, C, F, W) -> same."""
 
     def __init__(self, channels: int, features: int, eps: float = 1e-5, backend: Optional[str] = None):
         super().__init__()
+        channels, features = common.check_positive_int(channels, "channels"), common.check_positive_int(features,
+                                                                                                        "features")
+        common.check_eps(eps)
         self.eps = eps
         self.backend = backend
         self.weight = nn.Parameter(torch.ones(channels, features))

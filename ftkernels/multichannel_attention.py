@@ -40,6 +40,10 @@ delta = rowsum(dO * O) is a small torch reduction. The gradient goes back throug
 its transpose (the rotation is orthogonal): the rot-space accumulator is split into its (even, odd)
 columns with ``tl.reshape``/``tl.split``, rotated by -angle and re-interleaved with ``tl.join``.
 
+Layouts: q, k, v, dO (and out, in the torch reduction for delta) are read through their strides; the
+log-sum-exp is the forward's own contiguous output, made contiguous on the host in backward (a no-op for
+it); the rotary tables are cached contiguous tensors. out, dq, dk, dv are new contiguous tensors.
+
 Softmax statistics are fp32 whatever the input dtype (fp64 in the interpreter when the inputs are fp64,
 the test oracle); accumulators are fp32 (fp64 for fp64 inputs).
 """
@@ -333,6 +337,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
     D = F // num_heads
     BD = _block_d(D)
     sd = common.stats_dtype(q.dtype)
+    lse = lse.contiguous()  # the forward's own (B, C, H, WQ) output: a no-op for it
     delta = (do.to(sd) * out.to(sd)).reshape(B, C, num_heads, D, WQ).sum(3).contiguous()
     dq = torch.empty((B, C, F, WQ), device=q.device, dtype=q.dtype)
     dk = torch.empty((B, C, F, WK), device=q.device, dtype=q.dtype)
@@ -447,7 +452,7 @@ def multichannel_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scal
     num_heads = int(num_heads)
     d = q.shape[2] // num_heads
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    if not common.use_triton(q, backend):
+    if not common.use_triton(q, backend, "multichannel_attention"):
         return reference.multichannel_attention(q, k, v, num_heads, scale, bool(rotary))
     common.kernel_dtype_ok(q, "q")
     if d > MAX_HEAD_DIM:
@@ -456,7 +461,7 @@ def multichannel_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scal
     return _mca_op(q, k, v, num_heads, scale, bool(rotary))[0]
 
 
-class MultichannelMultiheadAttention(nn.Module):
+class MultichannelMultiheadAttention(common.BackendAttribute, nn.Module):
     """Multichannel multi-head attention (the frame transformer's): q/k/v/out projections are
     ``MultichannelLinear(channels, channels, features, features, depthwise=True)`` (position-wise and
     depth-wise), attention over frames with rotary embedding. (B, C, F, W) [, mem (B, C, F, Wm)] -> (B, C, F, W).
@@ -467,8 +472,17 @@ class MultichannelMultiheadAttention(nn.Module):
     def __init__(self, channels: int, num_heads: int, features: int, rotary: bool = True,
                  scale: Optional[float] = None, bias: bool = False, backend: Optional[str] = None):
         super().__init__()
+        channels, features = common.check_positive_int(channels, "channels"), common.check_positive_int(features,
+                                                                                                        "features")
+        num_heads = common.check_positive_int(num_heads, "num_heads")
         if features % num_heads != 0:
-            raise ValueError(f"num_heads must divide features={features}, got {num_heads}")
+            raise ValueError(f"num_heads={num_heads} must divide features={features}")
+        if rotary and (features // num_heads) % 2 != 0:
+            raise ValueError(f"rotary needs an even head dim, got features / num_heads = {features} / {num_heads} = "
+                             f"{features // num_heads}; change num_heads or pass rotary=False")
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
+                                  or not math.isfinite(scale)):
+            raise ValueError(f"scale must be finite float or None, got {scale!r}")
         self.channels, self.num_heads, self.features = channels, num_heads, features
         self.rotary = rotary
         self.scale = 1.0 / math.sqrt(features) if scale is None else float(scale)

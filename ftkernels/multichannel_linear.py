@@ -26,6 +26,16 @@ Kernels
 
 Backward recomputes y = pw(x) for the depth-wise weight gradient instead of saving it (one extra GEMM,
 no (B, C_in, F_out, W) activation kept alive).
+
+Layouts
+-------
+Every pointer argument is read through its strides, with two host-side exceptions: the gradient entering
+backward is made contiguous (autograd almost always hands a contiguous one; the depth-wise weight gradient
+walks (feature, frame) as one flat K index), and so is a strided x for a depth-wise-only layer's weight
+gradient (same reason). The frame-norm statistics of the fused prologue are the stats pass's own contiguous
+outputs. Weights, biases, x, the saved squared-ReLU activation and the norm's gamma/beta take any strides:
+transposed, sliced or offset views cost no copy. A missing bias is one cached zero broadcast through zero
+strides (nothing allocated per call). Outputs and gradients are always new contiguous tensors.
 """
 from __future__ import annotations
 
@@ -42,17 +52,50 @@ from ftkernels import _common as common
 from ftkernels import reference
 from ftkernels._common import Specialization, spec
 
-# Activations fused into epilogues.
-ACT_NONE, ACT_SQRELU = 0, 1
+# Activations fused into epilogues: none, relu(z)^2, relu(z) (the fp16 feed-forward saves relu(z): see
+# squared_relu_ffn.py).
+ACT_NONE, ACT_SQRELU, ACT_RELU = 0, 1, 2
+# Prologues applied to each x tile as it is loaded: none, frame norm from saved statistics, square (the
+# fp16 feed-forward's linear2 takes h = a^2 from the saved a = relu(z)).
+PRO_NONE, PRO_NORM, PRO_SQUARE = 0, 1, 2
+# Squared-ReLU backward epilogues (dz from dh): none, from a saved h = relu(z)^2 (2 sqrt(h)), from a saved
+# a = relu(z) (2 a).
+GRAD_NONE, GRAD_FROM_H, GRAD_FROM_RELU = 0, 1, 2
 FUSED_MIX_MAX_CHANNELS = 8  # C_out up to this runs the single fused kernel
+# dtypes in which the squared-ReLU feed-forward saves a = relu(z) rather than h = relu(z)^2 (fp16: h leaves
+# fp16's range at both ends; see squared_relu_ffn.py). Its kernel variants are gated for these dtypes only.
+SAVE_RELU_DTYPES = (torch.float16,)
+
+
+@triton.jit
+def _activation(z, ACTIVATION: tl.constexpr):
+    """relu(z)^2 (ACT_SQRELU) or relu(z) (ACT_RELU), NaN kept as torch.relu keeps it (tl.maximum's default
+    drops NaN)."""
+    if ACTIVATION != 0:
+        z = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        if ACTIVATION == 1:
+            z = z * z
+    return z
+
+
+@triton.jit
+def _squared_relu_grad(dh, saved, GRAD: tl.constexpr):
+    """dz = dh * d/dz relu(z)^2 = dh * 2 relu(z), with relu(z) = sqrt(h) from a saved h = relu(z)^2
+    (GRAD_FROM_H) or the saved a = relu(z) itself (GRAD_FROM_RELU). Exactly 0 where z <= 0 whatever dh is
+    (torch's relu backward is a select, so a NaN/Inf dh passes on relu's live side only); NaN where z is."""
+    if GRAD == 1:
+        saved = tl.sqrt(saved)
+    return tl.where(saved <= 0.0, 0.0, dh * 2.0 * saved)
 
 
 @triton.jit
 def _positionwise_tile(w_ptr, x_ptr, mean_f32_ptr, rstd_f32_ptr, gamma_ptr, beta_ptr, b, c, offs_m, offs_n,
-                       M, N, K, s_wc, s_wm, s_wk, s_xb, s_xc, s_xk, s_xn, s_sb, s_sc, s_gc,
-                       HAS_NORM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                       M, N, K, s_wc, s_wm, s_wk, s_xb, s_xc, s_xk, s_xn, s_sb, s_sc, s_gc, s_gk, s_tc, s_tk,
+                       PROLOGUE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                        PRECISION: tl.constexpr):
-    """(BM, BN) fp32 tile of W[c] @ norm?(x[b, c]) for rows offs_m (features out) and cols offs_n (frames)."""
+    """(BM, BN) fp32 tile of W[c] @ prologue(x[b, c]) for rows offs_m (features out) and cols offs_n (frames);
+    prologue: none, frame norm (PRO_NORM) or square (PRO_SQUARE, rounded back to x's dtype as a stored
+    h = a^2 would be)."""
     ACC: tl.constexpr = tl.float64 if w_ptr.dtype.element_ty == tl.float64 else tl.float32
     acc = tl.zeros((BM, BN), dtype=ACC)
     c = tl.cast(c, tl.int64)  # a loop counter in the fused kernel
@@ -60,7 +103,7 @@ def _positionwise_tile(w_ptr, x_ptr, mean_f32_ptr, rstd_f32_ptr, gamma_ptr, beta
     x_base = x_ptr + b.to(tl.int64) * s_xb + c * s_xc
     mask_m = offs_m < M
     mask_n = offs_n < N
-    if HAS_NORM:
+    if PROLOGUE == 1:
         stat_off = b.to(tl.int64) * s_sb + c * s_sc + offs_n
         mean = tl.load(mean_f32_ptr + stat_off, mask=mask_n, other=0.0)
         rstd = tl.load(rstd_f32_ptr + stat_off, mask=mask_n, other=0.0)
@@ -71,23 +114,26 @@ def _positionwise_tile(w_ptr, x_ptr, mean_f32_ptr, rstd_f32_ptr, gamma_ptr, beta
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         x = tl.load(x_base + offs_k[:, None] * s_xk + offs_n[None, :] * s_xn,
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if HAS_NORM:
-            g = tl.load(gamma_ptr + c * s_gc + offs_k, mask=mask_k, other=0.0).to(ACC)
-            bt = tl.load(beta_ptr + c * s_gc + offs_k, mask=mask_k, other=0.0).to(ACC)
+        if PROLOGUE == 1:
+            g = tl.load(gamma_ptr + c * s_gc + offs_k * s_gk, mask=mask_k, other=0.0).to(ACC)
+            bt = tl.load(beta_ptr + c * s_tc + offs_k * s_tk, mask=mask_k, other=0.0).to(ACC)
             xf = (x.to(ACC) - mean[None, :]) * rstd[None, :] * g[:, None] + bt[:, None]
             x = xf.to(w.dtype)
+        if PROLOGUE == 2:
+            xf = x.to(ACC)
+            x = (xf * xf).to(w.dtype)
         acc = tl.dot(w, x, acc, input_precision=PRECISION)
     return acc
 
 
 @triton.jit
 def _positionwise_kernel(w_ptr, x_ptr, bias_ptr, out_ptr, mul_ptr, mean_f32_ptr, rstd_f32_ptr, gamma_ptr, beta_ptr,
-                         M, N, K, s_wc, s_wm, s_wk, s_xb, s_xc, s_xk, s_xn, s_ob, s_oc, s_om, s_on,
-                         s_pb, s_pc, s_pm, s_pn, s_sb, s_sc, s_gc,
-                         HAS_NORM: tl.constexpr, ACTIVATION: tl.constexpr, MUL_SQRELU_GRAD: tl.constexpr,
+                         M, N, K, s_wc, s_wm, s_wk, s_xb, s_xc, s_xk, s_xn, s_bias_c, s_bias_m,
+                         s_ob, s_oc, s_om, s_on, s_pb, s_pc, s_pm, s_pn, s_sb, s_sc, s_gc, s_gk, s_tc, s_tk,
+                         PROLOGUE: tl.constexpr, ACTIVATION: tl.constexpr, SQRELU_GRAD: tl.constexpr,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
     """out[b, c] = epilogue(W[c] @ prologue(x[b, c]) + bias[c]); grid (m-tiles * n-tiles, C, B).
-    bias (C, M) contiguous (zeros when the layer has none: one load per row, fewer specializations)."""
+    bias (C, M) any strides (zeros when the layer has none: one load per row, fewer specializations)."""
     ACC: tl.constexpr = tl.float64 if w_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     c = tl.program_id(1)
@@ -96,17 +142,15 @@ def _positionwise_kernel(w_ptr, x_ptr, bias_ptr, out_ptr, mul_ptr, mean_f32_ptr,
     offs_m = (pid // n_tiles) * BM + tl.arange(0, BM)
     offs_n = (pid % n_tiles) * BN + tl.arange(0, BN)
     acc = _positionwise_tile(w_ptr, x_ptr, mean_f32_ptr, rstd_f32_ptr, gamma_ptr, beta_ptr, b, c, offs_m, offs_n,
-                             M, N, K, s_wc, s_wm, s_wk, s_xb, s_xc, s_xk, s_xn, s_sb, s_sc, s_gc,
-                             HAS_NORM, BM, BN, BK, PRECISION)
+                             M, N, K, s_wc, s_wm, s_wk, s_xb, s_xc, s_xk, s_xn, s_sb, s_sc, s_gc, s_gk, s_tc, s_tk,
+                             PROLOGUE, BM, BN, BK, PRECISION)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    acc += tl.load(bias_ptr + c * M + offs_m, mask=offs_m < M, other=0.0).to(ACC)[:, None]
-    if ACTIVATION == 1:
-        acc = tl.maximum(acc, 0.0)
-        acc = acc * acc
-    if MUL_SQRELU_GRAD:  # d/dz relu(z)^2 = 2 relu(z) = 2 sqrt(h), h the saved squared-ReLU output
-        h = tl.load(mul_ptr + b.to(tl.int64) * s_pb + c.to(tl.int64) * s_pc + offs_m[:, None] * s_pm
-                    + offs_n[None, :] * s_pn, mask=mask, other=0.0).to(ACC)
-        acc = acc * 2.0 * tl.sqrt(h)
+    acc += tl.load(bias_ptr + c * s_bias_c + offs_m * s_bias_m, mask=offs_m < M, other=0.0).to(ACC)[:, None]
+    acc = _activation(acc, ACTIVATION)
+    if SQRELU_GRAD != 0:
+        saved = tl.load(mul_ptr + b.to(tl.int64) * s_pb + c.to(tl.int64) * s_pc + offs_m[:, None] * s_pm
+                        + offs_n[None, :] * s_pn, mask=mask, other=0.0).to(ACC)
+        acc = _squared_relu_grad(acc, saved, SQRELU_GRAD)
     out = out_ptr + b.to(tl.int64) * s_ob + c.to(tl.int64) * s_oc + offs_m[:, None] * s_om + offs_n[None, :] * s_on
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -114,8 +158,9 @@ def _positionwise_kernel(w_ptr, x_ptr, bias_ptr, out_ptr, mul_ptr, mean_f32_ptr,
 @triton.jit
 def _positionwise_mix_kernel(w_ptr, x_ptr, bias_ptr, mix_ptr, mix_bias_ptr, out_ptr, mean_f32_ptr, rstd_f32_ptr,
                              gamma_ptr, beta_ptr, C_in, C_out, M, N, K, s_wc, s_wm, s_wk, s_xb, s_xc, s_xk, s_xn,
-                             s_mo, s_mc, s_ob, s_oc, s_om, s_on, s_sb, s_sc, s_gc,
-                             HAS_NORM: tl.constexpr, ACTIVATION: tl.constexpr, BO: tl.constexpr,
+                             s_bias_c, s_bias_m, s_mo, s_mc, s_mbias, s_ob, s_oc, s_om, s_on, s_sb, s_sc,
+                             s_gc, s_gk, s_tc, s_tk,
+                             PROLOGUE: tl.constexpr, ACTIVATION: tl.constexpr, BO: tl.constexpr,
                              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
     """Fused position-wise + channel mix for C_out <= BO; grid (m-tiles * n-tiles, 1, B)."""
     ACC: tl.constexpr = tl.float64 if w_ptr.dtype.element_ty == tl.float64 else tl.float32
@@ -129,15 +174,13 @@ def _positionwise_mix_kernel(w_ptr, x_ptr, bias_ptr, mix_ptr, mix_bias_ptr, out_
     acc = tl.zeros((BO, BM, BN), dtype=ACC)
     for c in range(0, C_in):
         y = _positionwise_tile(w_ptr, x_ptr, mean_f32_ptr, rstd_f32_ptr, gamma_ptr, beta_ptr, b, c, offs_m, offs_n,
-                               M, N, K, s_wc, s_wm, s_wk, s_xb, s_xc, s_xk, s_xn, s_sb, s_sc, s_gc,
-                               HAS_NORM, BM, BN, BK, PRECISION)
-        y += tl.load(bias_ptr + c * M + offs_m, mask=offs_m < M, other=0.0).to(ACC)[:, None]
+                               M, N, K, s_wc, s_wm, s_wk, s_xb, s_xc, s_xk, s_xn, s_sb, s_sc, s_gc, s_gk, s_tc,
+                               s_tk, PROLOGUE, BM, BN, BK, PRECISION)
+        y += tl.load(bias_ptr + c * s_bias_c + offs_m * s_bias_m, mask=offs_m < M, other=0.0).to(ACC)[:, None]
         wd = tl.load(mix_ptr + offs_o * s_mo + c * s_mc, mask=mask_o, other=0.0).to(ACC)
         acc += wd[:, None, None] * y[None, :, :]
-    acc += tl.load(mix_bias_ptr + offs_o, mask=mask_o, other=0.0).to(ACC)[:, None, None]
-    if ACTIVATION == 1:
-        acc = tl.maximum(acc, 0.0)
-        acc = acc * acc
+    acc += tl.load(mix_bias_ptr + offs_o * s_mbias, mask=mask_o, other=0.0).to(ACC)[:, None, None]
+    acc = _activation(acc, ACTIVATION)
     out = (out_ptr + b.to(tl.int64) * s_ob + offs_o[:, None, None].to(tl.int64) * s_oc
            + offs_m[None, :, None] * s_om + offs_n[None, None, :] * s_on)
     mask = mask_o[:, None, None] & (offs_m[None, :, None] < M) & (offs_n[None, None, :] < N)
@@ -146,8 +189,8 @@ def _positionwise_mix_kernel(w_ptr, x_ptr, bias_ptr, mix_ptr, mix_bias_ptr, out_
 
 @triton.jit
 def _channel_mix_kernel(w_ptr, y_ptr, bias_ptr, out_ptr, mul_ptr, M, N, K, F, W, s_wm, s_wk,
-                        s_yb, s_yk, s_yf, s_yw, s_ob, s_om, s_of, s_ow, s_pb, s_pm, s_pf, s_pw,
-                        ACTIVATION: tl.constexpr, MUL_SQRELU_GRAD: tl.constexpr,
+                        s_yb, s_yk, s_yf, s_yw, s_bias, s_ob, s_om, s_of, s_ow, s_pb, s_pm, s_pf, s_pw,
+                        ACTIVATION: tl.constexpr, SQRELU_GRAD: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
     """out[b, m, f, w] = epilogue(sum_k W[m, k] y[b, k, f, w] + bias[m]); n = f * W + w; grid (tiles, 1, B)."""
     ACC: tl.constexpr = tl.float64 if w_ptr.dtype.element_ty == tl.float64 else tl.float32
@@ -171,14 +214,12 @@ def _channel_mix_kernel(w_ptr, y_ptr, bias_ptr, out_ptr, mul_ptr, M, N, K, F, W,
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a, y, acc, input_precision=PRECISION)
     mask = mask_m[:, None] & mask_n[None, :]
-    acc += tl.load(bias_ptr + offs_m, mask=mask_m, other=0.0).to(ACC)[:, None]
-    if ACTIVATION == 1:
-        acc = tl.maximum(acc, 0.0)
-        acc = acc * acc
-    if MUL_SQRELU_GRAD:
-        h = tl.load(mul_ptr + b.to(tl.int64) * s_pb + offs_m[:, None].to(tl.int64) * s_pm
-                    + (f * s_pf + w * s_pw)[None, :], mask=mask, other=0.0).to(ACC)
-        acc = acc * 2.0 * tl.sqrt(h)
+    acc += tl.load(bias_ptr + offs_m * s_bias, mask=mask_m, other=0.0).to(ACC)[:, None]
+    acc = _activation(acc, ACTIVATION)
+    if SQRELU_GRAD != 0:
+        saved = tl.load(mul_ptr + b.to(tl.int64) * s_pb + offs_m[:, None].to(tl.int64) * s_pm
+                        + (f * s_pf + w * s_pw)[None, :], mask=mask, other=0.0).to(ACC)
+        acc = _squared_relu_grad(acc, saved, SQRELU_GRAD)
     out = (out_ptr + b.to(tl.int64) * s_ob + offs_m[:, None].to(tl.int64) * s_om
            + (f * s_of + w * s_ow)[None, :])
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -187,10 +228,11 @@ def _channel_mix_kernel(w_ptr, y_ptr, bias_ptr, out_ptr, mul_ptr, M, N, K, F, W,
 @triton.jit
 def _weight_grad_kernel(a_ptr, b_ptr, out_f32_ptr, rowsum_f32_ptr, M, N, K, K_INNER, K_PER_SPLIT,
                         s_ag, s_am, s_ak1, s_ak0, s_bg, s_bn, s_bk1, s_bk0,
-                        HAS_ROWSUM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                        PRECISION: tl.constexpr):
+                        HAS_ROWSUM: tl.constexpr, SQUARE_B: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                        BK: tl.constexpr, PRECISION: tl.constexpr):
     """Partial dW[split, g] = sum_{k in split} A[g, :, k] B[g, :, k]^T, k = k1 * K_INNER + k0 addressed through
-    (s_*k1, s_*k0) strides; with HAS_ROWSUM also partial sum_k A[g, :, k]. grid (tiles, G, SPLITS)."""
+    (s_*k1, s_*k0) strides; with HAS_ROWSUM also partial sum_k A[g, :, k]; with SQUARE_B, B's tiles are squared
+    as loaded (rounded back to B's dtype, as a stored B^2 would be). grid (tiles, G, SPLITS)."""
     ACC: tl.constexpr = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -214,6 +256,9 @@ def _weight_grad_kernel(a_ptr, b_ptr, out_f32_ptr, rowsum_f32_ptr, M, N, K, K_IN
         k_off_b = (offs_k // K_INNER).to(tl.int64) * s_bk1 + (offs_k % K_INNER) * s_bk0
         a = tl.load(a_base + k_off_a[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         bt = tl.load(b_base + k_off_b[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if SQUARE_B:
+            bf = bt.to(ACC)
+            bt = (bf * bf).to(b_ptr.dtype.element_ty)
         acc = tl.dot(a, bt, acc, input_precision=PRECISION)
         if HAS_ROWSUM:
             rowsum += tl.sum(a.to(ACC), axis=1)
@@ -243,8 +288,31 @@ def _dummy_f32(device) -> Tensor:
 PRECISION = "ieee"
 
 
-def _zeros(x: Tensor, *shape) -> Tensor:
-    return torch.zeros(shape, device=x.device, dtype=x.dtype)
+_ZEROS = {}
+
+
+def _bias_or_zeros(bias: Optional[Tensor], like: Tensor, *shape) -> Tensor:
+    """The bias, or (no bias) one cached zero broadcast to ``shape`` through zero strides: the kernels add a
+    bias unconditionally (fewer specializations) and read it through its strides, so nothing is allocated."""
+    if bias is not None:
+        return bias
+    key = (like.device, like.dtype)
+    z = _ZEROS.get(key)
+    if z is None:
+        z = _ZEROS[key] = torch.zeros(1, device=like.device, dtype=like.dtype)
+    return z.expand(shape)
+
+
+def _norm_args(norm, x: Tensor, dummy: Tensor):
+    """(mean, rstd, gamma, beta) and their stride arguments for the norm prologue (or placeholders).
+
+    mean/rstd are the frame-norm statistics pass's own (B, C, N) outputs, made contiguous here (a no-op for
+    them; the kernel reads them with unit frame stride); gamma/beta (C, K) are read through their strides."""
+    if norm is None:
+        return (dummy, dummy, x, x), (0, 0, 0, 0, 0, 0)
+    mean, rstd, gamma, beta = norm
+    mean, rstd = mean.contiguous(), rstd.contiguous()
+    return (mean, rstd, gamma, beta), (mean.stride(0), mean.stride(1), *gamma.stride(), *beta.stride())
 
 
 # Few block configs on purpose: every one is a specialization the compile gate builds for 2 archs x 3 dtypes.
@@ -262,70 +330,75 @@ def _mix_blocks(C_out: int) -> Tuple[int, int, int, int]:
 _WG_BLOCKS = (32, 32, 32)
 
 
-def positionwise(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
-                 activation: int = ACT_NONE, sqrelu_grad_of: Optional[Tensor] = None,
-                 norm: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]] = None) -> Tensor:
-    """out[b, c] = act(weight[c] @ norm(x[b, c]) + bias[c]); x (B, C, K, N), weight (C, M, K) any strides.
+def _prologue(norm, square_x: bool) -> int:
+    if norm is not None:
+        assert not square_x, "one x prologue at a time"
+        return PRO_NORM
+    return PRO_SQUARE if square_x else PRO_NONE
 
-    norm = (mean (B, C, N) fp32, rstd (B, C, N) fp32, gamma (C, K), beta (C, K)) applies frame norm to x tiles.
-    sqrelu_grad_of = h (B, C, M, N): multiply the result by 2*sqrt(h).
+
+def positionwise(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
+                 activation: int = ACT_NONE, sqrelu_grad: Optional[Tuple[Tensor, int]] = None,
+                 norm: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]] = None, square_x: bool = False) -> Tensor:
+    """out[b, c] = act(weight[c] @ prologue(x[b, c]) + bias[c]); x (B, C, K, N), weight (C, M, K) any strides.
+
+    norm = (mean (B, C, N) fp32, rstd (B, C, N) fp32, gamma (C, K), beta (C, K)) applies frame norm to x tiles;
+    square_x squares them (the layer's input is x^2). sqrelu_grad = (saved (B, C, M, N), GRAD_FROM_H or
+    GRAD_FROM_RELU): multiply the result by 2 relu(z) recovered from the saved squared-ReLU quantity.
     """
     B, C, K, N = x.shape
     M = weight.shape[1]
     out = torch.empty((B, C, M, N), device=x.device, dtype=x.dtype)
     BM, BN, BK = _gemm_blocks(M)
-    dummy = _dummy_f32(x.device)
-    mean, rstd, gamma, beta = norm if norm is not None else (dummy, dummy, x, x)
-    mul = sqrelu_grad_of if sqrelu_grad_of is not None else out
+    norm_ptrs, norm_strides = _norm_args(norm, x, _dummy_f32(x.device))
+    mul, grad_mode = sqrelu_grad if sqrelu_grad is not None else (out, GRAD_NONE)
+    bias = _bias_or_zeros(bias, x, C, M)
     grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN), C, B)
     _positionwise_kernel[grid](
-        weight, x, bias if bias is not None else _zeros(x, C, M), out, mul, mean, rstd, gamma, beta,
-        M, N, K, *weight.stride(), *x.stride(), *out.stride(), *mul.stride(),
-        mean.stride(0) if norm is not None else 0, mean.stride(1) if norm is not None else 0,
-        gamma.stride(0) if norm is not None else 0,
-        HAS_NORM=norm is not None, ACTIVATION=activation,
-        MUL_SQRELU_GRAD=sqrelu_grad_of is not None, BM=BM, BN=BN, BK=BK, PRECISION=PRECISION,
-        num_warps=4)
+        weight, x, bias, out, mul, *norm_ptrs,
+        M, N, K, *weight.stride(), *x.stride(), *bias.stride(), *out.stride(), *mul.stride(), *norm_strides,
+        PROLOGUE=_prologue(norm, square_x), ACTIVATION=activation, SQRELU_GRAD=grad_mode, BM=BM, BN=BN, BK=BK,
+        PRECISION=PRECISION, num_warps=4)
     return out
 
 
 def positionwise_mix(x: Tensor, weight_pw: Tensor, bias_pw: Optional[Tensor], weight_dw: Tensor,
                      bias_dw: Optional[Tensor], *, activation: int = ACT_NONE,
-                     norm: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]] = None) -> Tensor:
-    """Fused position-wise + depth-wise mix (C_out <= FUSED_MIX_MAX_CHANNELS)."""
+                     norm: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]] = None, square_x: bool = False) -> Tensor:
+    """Fused position-wise + depth-wise mix (C_out <= FUSED_MIX_MAX_CHANNELS); prologues as ``positionwise``."""
     B, C_in, K, N = x.shape
     M = weight_pw.shape[1]
     C_out = weight_dw.shape[0]
     out = torch.empty((B, C_out, M, N), device=x.device, dtype=x.dtype)
     BO, BM, BN, BK = _mix_blocks(C_out)
-    dummy = _dummy_f32(x.device)
-    mean, rstd, gamma, beta = norm if norm is not None else (dummy, dummy, x, x)
+    norm_ptrs, norm_strides = _norm_args(norm, x, _dummy_f32(x.device))
+    bias_pw = _bias_or_zeros(bias_pw, x, C_in, M)
+    bias_dw = _bias_or_zeros(bias_dw, x, C_out)
     grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN), 1, B)
     _positionwise_mix_kernel[grid](
-        weight_pw, x, bias_pw if bias_pw is not None else _zeros(x, C_in, M), weight_dw,
-        bias_dw if bias_dw is not None else _zeros(x, C_out), out,
-        mean, rstd, gamma, beta, C_in, C_out, M, N, K, *weight_pw.stride(), *x.stride(), *weight_dw.stride(),
-        *out.stride(), mean.stride(0) if norm is not None else 0, mean.stride(1) if norm is not None else 0,
-        gamma.stride(0) if norm is not None else 0,
-        HAS_NORM=norm is not None, ACTIVATION=activation, BO=BO, BM=BM, BN=BN, BK=BK, PRECISION=PRECISION,
-        num_warps=4)
+        weight_pw, x, bias_pw, weight_dw, bias_dw, out, *norm_ptrs, C_in, C_out, M, N, K,
+        *weight_pw.stride(), *x.stride(), *bias_pw.stride(), *weight_dw.stride(), *bias_dw.stride(),
+        *out.stride(), *norm_strides,
+        PROLOGUE=_prologue(norm, square_x), ACTIVATION=activation, BO=BO, BM=BM, BN=BN, BK=BK,
+        PRECISION=PRECISION, num_warps=4)
     return out
 
 
 def channel_mix(y: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, activation: int = ACT_NONE,
-                sqrelu_grad_of: Optional[Tensor] = None) -> Tensor:
-    """out[b] = act(weight @ y[b] + bias) over channels; y (B, K, F, W) any strides, weight (M, K) any strides."""
+                sqrelu_grad: Optional[Tuple[Tensor, int]] = None) -> Tensor:
+    """out[b] = act(weight @ y[b] + bias) over channels; y (B, K, F, W) any strides, weight (M, K) any strides;
+    sqrelu_grad as ``positionwise``."""
     B, K, F, W = y.shape
     M = weight.shape[0]
     out = torch.empty((B, M, F, W), device=y.device, dtype=y.dtype)
     BM, BN, BK = _gemm_blocks(M)
-    mul = sqrelu_grad_of if sqrelu_grad_of is not None else out
+    mul, grad_mode = sqrelu_grad if sqrelu_grad is not None else (out, GRAD_NONE)
+    bias = _bias_or_zeros(bias, y, M)
     grid = (triton.cdiv(M, BM) * triton.cdiv(F * W, BN), 1, B)
     _channel_mix_kernel[grid](
-        weight, y, bias if bias is not None else _zeros(y, M), out, mul, M, F * W, K, F, W, *weight.stride(),
-        *y.stride(), *out.stride(), *mul.stride(), ACTIVATION=activation,
-        MUL_SQRELU_GRAD=sqrelu_grad_of is not None, BM=BM, BN=BN, BK=BK, PRECISION=PRECISION,
-        num_warps=4)
+        weight, y, bias, out, mul, M, F * W, K, F, W, *weight.stride(),
+        *y.stride(), *bias.stride(), *out.stride(), *mul.stride(), ACTIVATION=activation,
+        SQRELU_GRAD=grad_mode, BM=BM, BN=BN, BK=BK, PRECISION=PRECISION, num_warps=4)
     return out
 
 
@@ -340,8 +413,9 @@ def _num_splits(tiles: int, K: int, BK: int, device) -> int:
 
 
 def weight_grad(a: Tensor, b: Tensor, G: int, M: int, N: int, K: int, K_inner: int, a_strides, b_strides,
-                rowsum: bool, out_dtype) -> Tuple[Tensor, Optional[Tensor]]:
-    """dW (G, M, N) = sum_k A[g, :, k] B[g, :, k]^T (and sum_k A (G, M)); strides = (g, m|n, k1, k0)."""
+                rowsum: bool, out_dtype, square_b: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+    """dW (G, M, N) = sum_k A[g, :, k] B'[g, :, k]^T (and sum_k A (G, M)); strides = (g, m|n, k1, k0);
+    B' = B, or B^2 with square_b."""
     BM, BN, BK = _WG_BLOCKS
     tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN) * G
     splits = _num_splits(tiles, K, BK, a.device)
@@ -352,59 +426,68 @@ def weight_grad(a: Tensor, b: Tensor, G: int, M: int, N: int, K: int, K_inner: i
     rows = torch.empty((splits, G, M), device=a.device, dtype=acc_dtype) if rowsum else _dummy_f32(a.device)
     grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN), G, splits)
     _weight_grad_kernel[grid](a, b, part, rows, M, N, K, K_inner, k_per_split, *a_strides, *b_strides,
-                              HAS_ROWSUM=rowsum, BM=BM, BN=BN, BK=BK, PRECISION=PRECISION, num_warps=4)
+                              HAS_ROWSUM=rowsum, SQUARE_B=square_b, BM=BM, BN=BN, BK=BK, PRECISION=PRECISION,
+                              num_warps=4)
     dw = part.sum(0).to(out_dtype)
     return dw, (rows.sum(0).to(out_dtype) if rowsum else None)
 
 
 def forward(x: Tensor, weight_pw: Optional[Tensor], weight_dw: Optional[Tensor], bias_pw: Optional[Tensor],
             bias_dw: Optional[Tensor], activation: int = ACT_NONE,
-            norm: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]] = None) -> Tensor:
-    """Triton forward; picks fused or two-pass by C_out. Activation (and the norm prologue) optional."""
+            norm: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]] = None, square_x: bool = False) -> Tensor:
+    """Triton forward; picks fused or two-pass by C_out. Activation and an x prologue (the norm, or squaring:
+    the layer's input is x^2) optional; the prologues need the position-wise weight."""
     if weight_pw is None:
-        if norm is not None:
-            raise ValueError("a fused frame norm needs a position-wise weight")
+        if norm is not None or square_x:
+            raise ValueError("an x prologue (fused frame norm, squaring) needs a position-wise weight")
         return channel_mix(x, weight_dw, bias_dw, activation=activation)
     if weight_dw is None:
-        return positionwise(x, weight_pw, bias_pw, activation=activation, norm=norm)
+        return positionwise(x, weight_pw, bias_pw, activation=activation, norm=norm, square_x=square_x)
     if weight_dw.shape[0] <= FUSED_MIX_MAX_CHANNELS:
-        return positionwise_mix(x, weight_pw, bias_pw, weight_dw, bias_dw, activation=activation, norm=norm)
-    y = positionwise(x, weight_pw, bias_pw, norm=norm)
+        return positionwise_mix(x, weight_pw, bias_pw, weight_dw, bias_dw, activation=activation, norm=norm,
+                                square_x=square_x)
+    y = positionwise(x, weight_pw, bias_pw, norm=norm, square_x=square_x)
     return channel_mix(y, weight_dw, bias_dw, activation=activation)
 
 
 def backward(grad: Tensor, x: Tensor, weight_pw: Optional[Tensor], weight_dw: Optional[Tensor],
              bias_pw: Optional[Tensor], has_bias_pw: bool, has_bias_dw: bool,
-             sqrelu_grad_of: Optional[Tensor] = None) -> List[Optional[Tensor]]:
+             sqrelu_input: Optional[str] = None) -> List[Optional[Tensor]]:
     """[dx, d_weight_pw, d_weight_dw, d_bias_pw, d_bias_dw] (None where absent).
 
-    sqrelu_grad_of = h: multiply dx by 2*sqrt(h) (chain rule through a squared ReLU that produced x = h).
+    sqrelu_input: the layer takes a squared ReLU's output, saved as x; dx is then the gradient w.r.t. the
+    pre-activation z. "h": x is h = relu(z)^2 itself (dx gets the factor 2 sqrt(h)); "relu": x is
+    a = relu(z) and the layer's input is a^2 (squared as loaded; dx gets the factor 2a).
     """
     grad = grad.contiguous()
     B, _, F_out, W = grad.shape
     d_wpw = d_wdw = d_bpw = d_bdw = None
+    square_x = sqrelu_input == "relu"
+    sqrelu_grad = None
+    if sqrelu_input is not None:
+        sqrelu_grad = (x, GRAD_FROM_RELU if square_x else GRAD_FROM_H)
     dy = grad
     if weight_dw is not None:
         C_out, C_in = weight_dw.shape
-        y = positionwise(x, weight_pw, bias_pw) if weight_pw is not None else x
+        y = positionwise(x, weight_pw, bias_pw, square_x=square_x) if weight_pw is not None else x
         # d_weight_dw[o, c] = sum_{b, f, w} grad[b, o, f, w] y[b, c, f, w]; k = (b, (f, w))
         if y.stride(3) != 1 or y.stride(2) != W:
             y = y.contiguous()
         d_wdw, d_bdw = weight_grad(grad, y, 1, C_out, C_in, B * F_out * W, F_out * W,
                                    (0, grad.stride(1), grad.stride(0), 1), (0, y.stride(1), y.stride(0), 1),
-                                   has_bias_dw, weight_dw.dtype)
+                                   has_bias_dw, weight_dw.dtype, square_b=square_x and weight_pw is None)
         d_wdw = d_wdw[0]
         d_bdw = d_bdw[0] if d_bdw is not None else None
         # the squared-ReLU factor belongs to dx: here when the mix is the layer's last backward step
-        dy = channel_mix(grad, weight_dw.t(), sqrelu_grad_of=sqrelu_grad_of if weight_pw is None else None)
+        dy = channel_mix(grad, weight_dw.t(), sqrelu_grad=sqrelu_grad if weight_pw is None else None)
     if weight_pw is not None:
         C, F_out, F_in = weight_pw.shape
         # d_weight_pw[c] = sum_{b, w} dy[b, c] x[b, c]^T; k = (b, w)
         d_wpw, d_bpw = weight_grad(dy, x, C, F_out, F_in, B * W, W,
                                    (dy.stride(1), dy.stride(2), dy.stride(0), dy.stride(3)),
                                    (x.stride(1), x.stride(2), x.stride(0), x.stride(3)),
-                                   has_bias_pw, weight_pw.dtype)
-        dx = positionwise(dy, weight_pw.transpose(1, 2), sqrelu_grad_of=sqrelu_grad_of)
+                                   has_bias_pw, weight_pw.dtype, square_b=square_x)
+        dx = positionwise(dy, weight_pw.transpose(1, 2), sqrelu_grad=sqrelu_grad)
     else:
         dx = dy
     return [dx, d_wpw, d_wdw, d_bpw, d_bdw]
@@ -440,8 +523,9 @@ def _mcl_backward_op(grad: Tensor, x: Tensor, weight_pw: Optional[Tensor], weigh
 
 @_mcl_backward_op.register_fake
 def _(grad, x, weight_pw, weight_dw, bias_pw, has_bias_dw):
+    # the kernels return new contiguous gradients whatever the inputs' strides (not empty_like's layout)
     like = (x, weight_pw, weight_dw, bias_pw, weight_dw[:, 0] if weight_dw is not None and has_bias_dw else None)
-    return [torch.empty_like(t) if t is not None else x.new_empty(0) for t in like]
+    return [x.new_empty(t.shape) if t is not None else x.new_empty(0) for t in like]
 
 
 def _mcl_setup_context(ctx, inputs, output):
@@ -499,13 +583,13 @@ def multichannel_linear(x: Tensor, weight_pw: Optional[Tensor] = None, weight_dw
     """
     x, weight_pw, weight_dw, bias_pw, bias_dw = common.autocast_inputs(x, weight_pw, weight_dw, bias_pw, bias_dw)
     check_inputs(x, weight_pw, weight_dw, bias_pw, bias_dw)
-    if not common.use_triton(x, backend):
+    if not common.use_triton(x, backend, "multichannel_linear"):
         return reference.multichannel_linear(x, weight_pw, weight_dw, bias_pw, bias_dw)
     common.kernel_dtype_ok(x)
     return _mcl_op(x, weight_pw, weight_dw, bias_pw, bias_dw)
 
 
-class MultichannelLinear(nn.Module):
+class MultichannelLinear(common.BackendAttribute, nn.Module):
     """Parallel per-channel linear layers along features, with an optional depth-wise channel mix.
 
     (B, in_channels, in_features, W) -> (B, out_channels, out_features, W). As in the seed, the position-wise
@@ -517,6 +601,9 @@ class MultichannelLinear(nn.Module):
                  positionwise: bool = True, depthwise: bool = False, bias: bool = False,
                  backend: Optional[str] = None):
         super().__init__()
+        in_channels, out_channels, in_features, out_features = (
+            common.check_positive_int(v, n) for v, n in ((in_channels, "in_channels"), (out_channels, "out_channels"),
+                                                         (in_features, "in_features"), (out_features, "out_features")))
         self.in_channels, self.out_channels = in_channels, out_channels
         self.in_features, self.out_features = in_features, out_features
         self.backend = backend
@@ -549,26 +636,38 @@ class MultichannelLinear(nn.Module):
 def compile_specializations() -> List[Specialization]:
     mod = __name__
     out = []
-    # (HAS_NORM, ACTIVATION, MUL_SQRELU_GRAD) the launches use: plain layer / dx; feed-forward linear1
-    # with and without the fused norm, with and without the activation (two-pass); dx with the squared-ReLU grad.
-    pw_flags = [(False, ACT_NONE, False), (True, ACT_NONE, False), (False, ACT_SQRELU, False),
-                (True, ACT_SQRELU, False), (False, ACT_NONE, True)]
     for dt in ("fp32", "fp16", "bf16"):
+        # the feed-forward saves relu(z) in fp16 (ACT_RELU epilogue, PRO_SQUARE prologue, GRAD_FROM_RELU
+        # epilogue, SQUARE_B weight gradient), h = relu(z)^2 otherwise (ACT_SQRELU, GRAD_FROM_H)
+        fp16 = dt == "fp16"
+        act = ACT_RELU if fp16 else ACT_SQRELU
+        # (PROLOGUE, ACTIVATION, SQRELU_GRAD): plain layer / dx; feed-forward linear1 two-pass with the norm;
+        # linear1 position-wise only, with and without the norm; linear2 forward (fp16: squaring its input);
+        # linear2 dx with the squared-ReLU factor
+        pw_flags = [(PRO_NONE, ACT_NONE, GRAD_NONE), (PRO_NORM, ACT_NONE, GRAD_NONE), (PRO_NONE, act, GRAD_NONE),
+                    (PRO_NORM, act, GRAD_NONE), (PRO_NONE, ACT_NONE, GRAD_FROM_RELU if fp16 else GRAD_FROM_H)]
+        if fp16:
+            pw_flags.append((PRO_SQUARE, ACT_NONE, GRAD_NONE))
         for BM in (16, 64):
-            for norm, act, mul in pw_flags:
+            for pro, a, grad in pw_flags:
                 out.append(spec(mod, "_positionwise_kernel", dt, dict(
-                    HAS_NORM=norm, ACTIVATION=act, MUL_SQRELU_GRAD=mul, BM=BM, BN=64, BK=32, PRECISION=PRECISION)))
-            for act, mul in ((ACT_NONE, False), (ACT_SQRELU, False), (ACT_NONE, True)):
+                    PROLOGUE=pro, ACTIVATION=a, SQRELU_GRAD=grad, BM=BM, BN=64, BK=32, PRECISION=PRECISION)))
+            # plain mix / dy; linear1's two-pass mix with the activation
+            for a in (ACT_NONE, act):
                 out.append(spec(mod, "_channel_mix_kernel", dt, dict(
-                    ACTIVATION=act, MUL_SQRELU_GRAD=mul, BM=BM, BN=64, BK=32, PRECISION=PRECISION)))
+                    ACTIVATION=a, SQRELU_GRAD=GRAD_NONE, BM=BM, BN=64, BK=32, PRECISION=PRECISION)))
+        # plain fused layer; linear1 fused, with and without the norm; fp16 linear2 fused (squaring its input)
+        mix_flags = [(PRO_NONE, ACT_NONE), (PRO_NONE, act), (PRO_NORM, act)]
+        if fp16:
+            mix_flags.append((PRO_SQUARE, ACT_NONE))
         for C_out in (4, 8):
             BO, BM, BN, BK = _mix_blocks(C_out)
-            for norm in (False, True):
-                for act in (ACT_NONE, ACT_SQRELU):
-                    out.append(spec(mod, "_positionwise_mix_kernel", dt, dict(
-                        HAS_NORM=norm, ACTIVATION=act, BO=BO, BM=BM, BN=BN, BK=BK, PRECISION=PRECISION)))
+            for pro, a in mix_flags:
+                out.append(spec(mod, "_positionwise_mix_kernel", dt, dict(
+                    PROLOGUE=pro, ACTIVATION=a, BO=BO, BM=BM, BN=BN, BK=BK, PRECISION=PRECISION)))
         BM, BN, BK = _WG_BLOCKS
         for rs in (False, True):
-            out.append(spec(mod, "_weight_grad_kernel", dt, dict(HAS_ROWSUM=rs, BM=BM, BN=BN, BK=BK,
-                                                                 PRECISION=PRECISION)))
+            for sq in ((False, True) if fp16 else (False,)):
+                out.append(spec(mod, "_weight_grad_kernel", dt, dict(HAS_ROWSUM=rs, SQUARE_B=sq, BM=BM, BN=BN, BK=BK,
+                                                                     PRECISION=PRECISION)))
     return out

@@ -6,17 +6,33 @@
 Fusions (kernels live in multichannel_linear.py and frame_norm.py):
 - forward: the frame norm is applied in linear1's prologue: a stats-only pass writes mean/rstd (B, C, W)
   fp32, and the position-wise kernel normalises each x tile as it loads it (the normalised x never
-  exists in memory). relu^2 is linear1's epilogue (after the depth-wise mix when linear1 has one), so the
-  pre-activation is never stored either; only h = relu(z)^2 is, which linear2's weight gradient needs anyway.
-- backward: relu^2's derivative 2*relu(z) = 2*sqrt(h) is recovered from the saved h, fused into the
+  exists in memory). The activation is linear1's epilogue (after the depth-wise mix when linear1 has one),
+  so the pre-activation z is never stored either; only the hidden activation is, which linear2 reads and
+  its weight gradient needs anyway.
+- backward: relu^2's derivative 2 relu(z) is recovered from the saved hidden activation, fused into the
   epilogue of the kernel that produces dh (linear2's dx): no pre-activation is saved or recomputed.
   The normalised input for linear1's weight gradient is recomputed from the saved statistics (one read of
   x) rather than saved.
-Saved for backward: x, h, mean, rstd.
+
+Which hidden activation is saved depends on the dtype (``multichannel_linear.SAVE_RELU_DTYPES``):
+- fp32, bf16: h = relu(z)^2, and 2 relu(z) = 2 sqrt(h). Their 8-bit exponent keeps h in range for
+  |z| < 1.8e19 and normal down to |z| ~ 1e-19, where sqrt(h) is as accurate as a stored relu(z); linear2
+  reads h as a plain GEMM operand.
+- fp16: a = relu(z). h = z^2 leaves fp16's range at both ends: past z ~ 256 it overflows to Inf, and
+  2 sqrt(Inf) gave Inf gradients where PyTorch's 2 relu(z) dh is finite; below z ~ 2^-7 it is subnormal
+  (below 2^-12 zero), and 2 sqrt(h) lost the digits PyTorch keeps. a has fp16's full 11 bits over its whole
+  range, and 2a is exactly PyTorch's factor. h = a^2 is recomputed where it is read: linear2's GEMM squares
+  each x tile as it loads it (forward, and the recomputed y for its depth-wise weight gradient) and its
+  weight-gradient kernel squares its B tiles, rounding to fp16 as a stored h would be (so the forward and
+  dweight2 overflow exactly where PyTorch's do). Same bytes moved as saving h, a multiply per loaded
+  element in registers; no extra tensor kept.
+Saved for backward: x, the hidden activation (h or a), mean, rstd.
 """
 from __future__ import annotations
 
 import importlib
+import math
+import numbers
 from typing import List, Optional, Tuple
 
 import torch
@@ -36,8 +52,14 @@ _PARAMS = ("weight1_pw", "weight2_pw", "weight1_dw", "bias1_pw", "bias1_dw", "we
            "norm_weight", "norm_bias")
 
 
+def saves_relu(dtype: torch.dtype) -> bool:
+    """Whether the hidden activation saved for backward is a = relu(z) (else h = relu(z)^2): see above."""
+    return dtype in _mcl.SAVE_RELU_DTYPES
+
+
 def forward(x, w1pw, w2pw, w1dw, b1pw, b1dw, w2dw, b2pw, b2dw, nw, nb, eps: float, norm: bool):
-    """(out, h, mean, rstd); mean/rstd empty when norm is False."""
+    """(out, hidden, mean, rstd); hidden = relu(z) or relu(z)^2 (``saves_relu``); mean/rstd empty when norm
+    is False."""
     if norm:
         mean, rstd = _fn.stats(x, eps)
         gamma, beta = _fn._affine(x, nw, nb)
@@ -45,15 +67,18 @@ def forward(x, w1pw, w2pw, w1dw, b1pw, b1dw, w2dw, b2pw, b2dw, nw, nb, eps: floa
     else:
         mean, rstd = (x.new_empty(0, dtype=common.stats_dtype(x.dtype)) for _ in range(2))
         norm_args = None
-    h = _mcl.forward(x, w1pw, w1dw, b1pw, b1dw, activation=_mcl.ACT_SQRELU, norm=norm_args)
-    out = _mcl.forward(h, w2pw, w2dw, b2pw, b2dw)
-    return out, h, mean, rstd
+    relu = saves_relu(x.dtype)
+    hidden = _mcl.forward(x, w1pw, w1dw, b1pw, b1dw, activation=_mcl.ACT_RELU if relu else _mcl.ACT_SQRELU,
+                          norm=norm_args)
+    out = _mcl.forward(hidden, w2pw, w2dw, b2pw, b2dw, square_x=relu)
+    return out, hidden, mean, rstd
 
 
-def backward(grad, x, h, mean, rstd, w1pw, w2pw, w1dw, b1pw, w2dw, b2pw, nw, nb, has_b1dw, has_b2dw, eps, norm):
+def backward(grad, x, hidden, mean, rstd, w1pw, w2pw, w1dw, b1pw, w2dw, b2pw, nw, nb, has_b1dw, has_b2dw, eps,
+             norm):
     """Gradients in _PARAMS order after dx: [dx, dw1pw, dw2pw, dw1dw, db1pw, db1dw, dw2dw, db2pw, db2dw, dnw, dnb]."""
-    dz, dw2pw, dw2dw, db2pw, db2dw = _mcl.backward(grad, h, w2pw, w2dw, b2pw, b2pw is not None, has_b2dw,
-                                                   sqrelu_grad_of=h)
+    dz, dw2pw, dw2dw, db2pw, db2dw = _mcl.backward(grad, hidden, w2pw, w2dw, b2pw, b2pw is not None, has_b2dw,
+                                                   sqrelu_input="relu" if saves_relu(x.dtype) else "h")
     xn = _fn.forward(x, nw, nb, eps, saved_stats=(mean, rstd))[0] if norm else x
     dxn, dw1pw, dw1dw, db1pw, db1dw = _mcl.backward(dz, xn, w1pw, w1dw, b1pw, b1pw is not None, has_b1dw)
     dnw = dnb = None
@@ -93,40 +118,41 @@ def _(x, weight1_pw, weight2_pw, weight1_dw, bias1_pw, bias1_dw, weight2_dw, bia
 
 
 @torch.library.custom_op("ftkernels::squared_relu_ffn_backward", mutates_args=())
-def _ffn_backward_op(grad: Tensor, x: Tensor, h: Tensor, mean: Tensor, rstd: Tensor, weight1_pw: Tensor,
+def _ffn_backward_op(grad: Tensor, x: Tensor, hidden: Tensor, mean: Tensor, rstd: Tensor, weight1_pw: Tensor,
                      weight2_pw: Tensor, weight1_dw: Optional[Tensor], bias1_pw: Optional[Tensor],
                      weight2_dw: Optional[Tensor], bias2_pw: Optional[Tensor], norm_weight: Optional[Tensor],
                      norm_bias: Optional[Tensor], has_bias1_dw: bool, has_bias2_dw: bool, eps: float,
                      norm: bool) -> List[Tensor]:
-    grads = backward(grad, x, h, mean, rstd, weight1_pw, weight2_pw, weight1_dw, bias1_pw, weight2_dw, bias2_pw,
+    grads = backward(grad, x, hidden, mean, rstd, weight1_pw, weight2_pw, weight1_dw, bias1_pw, weight2_dw, bias2_pw,
                      norm_weight, norm_bias, has_bias1_dw, has_bias2_dw, eps, norm)
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
 @_ffn_backward_op.register_fake
-def _(grad, x, h, mean, rstd, weight1_pw, weight2_pw, weight1_dw, bias1_pw, weight2_dw, bias2_pw, norm_weight,
+def _(grad, x, hidden, mean, rstd, weight1_pw, weight2_pw, weight1_dw, bias1_pw, weight2_dw, bias2_pw, norm_weight,
       norm_bias, has_bias1_dw, has_bias2_dw, eps, norm):
     b1dw = weight1_dw[:, 0] if weight1_dw is not None and has_bias1_dw else None
     b2dw = weight2_dw[:, 0] if weight2_dw is not None and has_bias2_dw else None
     C, F = x.shape[1], x.shape[2]
     nw = x.new_empty((C, F)) if norm else None
     like = (x, weight1_pw, weight2_pw, weight1_dw, bias1_pw, b1dw, weight2_dw, bias2_pw, b2dw, nw, nw)
-    return [torch.empty_like(t) if t is not None else x.new_empty(0) for t in like]
+    # new contiguous gradients whatever the inputs' strides, as the kernels return them
+    return [x.new_empty(t.shape) if t is not None else x.new_empty(0) for t in like]
 
 
 def _setup_context(ctx, inputs, output):
     x, w1pw, w2pw, w1dw, b1pw, b1dw, w2dw, b2pw, b2dw, nw, nb, eps, norm = inputs
-    _, h, mean, rstd = output
-    ctx.save_for_backward(x, h, mean, rstd, w1pw, w2pw, w1dw, b1pw, w2dw, b2pw, nw, nb)
+    _, hidden, mean, rstd = output
+    ctx.save_for_backward(x, hidden, mean, rstd, w1pw, w2pw, w1dw, b1pw, w2dw, b2pw, nw, nb)
     ctx.present = [t is not None for t in (x, w1pw, w2pw, w1dw, b1pw, b1dw, w2dw, b2pw, b2dw)]
     ctx.present += [norm and nw is not None, norm and nb is not None]
     ctx.eps, ctx.norm = eps, norm
-    ctx.mark_non_differentiable(h, mean, rstd)
+    ctx.mark_non_differentiable(hidden, mean, rstd)
 
 
-def _backward(ctx, grad, _dh, _dmean, _drstd):
-    x, h, mean, rstd, w1pw, w2pw, w1dw, b1pw, w2dw, b2pw, nw, nb = ctx.saved_tensors
-    grads = _ffn_backward_op(grad, x, h, mean, rstd, w1pw, w2pw, w1dw, b1pw, w2dw, b2pw, nw, nb,
+def _backward(ctx, grad, _dhidden, _dmean, _drstd):
+    x, hidden, mean, rstd, w1pw, w2pw, w1dw, b1pw, w2dw, b2pw, nw, nb = ctx.saved_tensors
+    grads = _ffn_backward_op(grad, x, hidden, mean, rstd, w1pw, w2pw, w1dw, b1pw, w2dw, b2pw, nw, nb,
                              ctx.present[5], ctx.present[8], ctx.eps, ctx.norm)
     return tuple(g if p else None for g, p in zip(grads, ctx.present)) + (None, None)
 
@@ -169,13 +195,13 @@ def squared_relu_ffn(x: Tensor, weight1_pw: Tensor, weight2_pw: Tensor, weight1_
     if norm:
         _fn.check_inputs(x, nw, nb, eps)
     common.check_same(x, dict(zip(_PARAMS, (w1pw, w2pw, w1dw, b1pw, b1dw, w2dw, b2pw, b2dw, nw, nb))))
-    if not common.use_triton(x, backend):
+    if not common.use_triton(x, backend, "squared_relu_ffn"):
         return reference.squared_relu_ffn(x, w1pw, w2pw, w1dw, b1pw, b1dw, w2dw, b2pw, b2dw, nw, nb, eps, norm)
     common.kernel_dtype_ok(x)
     return _ffn_op(x, w1pw, w2pw, w1dw, b1pw, b1dw, w2dw, b2pw, b2dw, nw, nb, float(eps), bool(norm))[0]
 
 
-class SquaredReLUFeedForward(nn.Module):
+class SquaredReLUFeedForward(common.BackendAttribute, nn.Module):
     """Pre-norm squared-ReLU feed-forward on multichannel linears.
 
     (B, channels, features, W) -> (B, out_channels, out_features, W); hidden = int(features * expansion).
@@ -187,9 +213,17 @@ class SquaredReLUFeedForward(nn.Module):
                  out_features: Optional[int] = None, depthwise: bool = True, bias: bool = False, norm: bool = True,
                  eps: float = 1e-5, backend: Optional[str] = None):
         super().__init__()
-        out_channels = out_channels or channels
-        out_features = out_features or features
+        channels, features = common.check_positive_int(channels, "channels"), common.check_positive_int(features,
+                                                                                                        "features")
+        out_channels = channels if out_channels is None else common.check_positive_int(out_channels, "out_channels")
+        out_features = features if out_features is None else common.check_positive_int(out_features, "out_features")
+        if isinstance(expansion, bool) or not isinstance(expansion, numbers.Real) or not (
+                math.isfinite(expansion) and expansion > 0):
+            raise ValueError(f"expansion must be a positive float, got {expansion!r}")
         hidden = int(features * expansion)
+        if hidden < 1:
+            raise ValueError(f"hidden features int({features} * {expansion}) = {hidden}: raise expansion")
+        common.check_eps(eps)
         self.backend = backend
         self.norm = FrameNorm(channels, features, eps, backend=backend) if norm else None
         self.linear1 = MultichannelLinear(channels, out_channels, features, hidden, depthwise=depthwise, bias=bias,

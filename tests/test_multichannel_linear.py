@@ -91,7 +91,6 @@ def test_gradcheck_through_kernel():
 
 
 def test_module_init_and_backends_agree():
-    torch.manual_seed(0)
     m = ftkernels.MultichannelLinear(3, 6, 10, 12, depthwise=True, bias=True).double().to(KERNEL_DEVICE)
     assert m.weight_pw.shape == (3, 12, 10) and m.weight_dw.shape == (6, 3)
     assert m.bias_pw.shape == (3, 12) and m.bias_dw.shape == (6,)
@@ -168,7 +167,6 @@ def test_autocast_casts_to_autocast_dtype():
 @pytest.mark.parametrize("C_out", [4, 16])
 def test_low_precision_tolerance_rule(dtype, C_out):
     """FlashAttention's rule, forward and every gradient, fused (C_out = 4) and two-pass (16) paths."""
-    torch.manual_seed(0)
     B, C_in, F_in, F_out, W = gpu_or_cpu((4, 8, 256, 384, 256), (2, 3, 40, 48, 37))
     x, p = make(B, C_in, C_out, F_in, F_out, W, dtype=dtype)
     out = ftkernels.multichannel_linear(x, **p, backend="triton")

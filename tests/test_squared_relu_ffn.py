@@ -6,7 +6,21 @@ from hypothesis import strategies as st
 
 import ftkernels
 from ftkernels import reference
-from helpers import LOW_PRECISION, KERNEL_DEVICE, assert_close_all, assert_low_precision_ok, gpu_or_cpu, grads, rand
+from helpers import LOW_PRECISION, KERNEL_DEVICE, OP_CASES, assert_close_all, assert_low_precision_ok, gpu_or_cpu, \
+    grads, op_module, rand
+
+mcl = op_module("multichannel_linear")
+ffn_module = op_module("squared_relu_ffn")
+
+
+@pytest.fixture(params=["h", "relu"])
+def saved(request, monkeypatch):
+    """Run float64 through either saved-activation design (fp16 saves relu(z), the others relu(z)^2), so
+    the exact oracle tests cover the kernels of both."""
+    if request.param == "relu":
+        monkeypatch.setattr(mcl, "SAVE_RELU_DTYPES", mcl.SAVE_RELU_DTYPES + (torch.float64, torch.float32))
+    assert ffn_module.saves_relu(torch.float64) == (request.param == "relu")
+    return request.param
 
 
 def make(B, C, F, W, H, C1=None, C2=None, F2=None, dw1=True, dw2=False, bias=True, norm=True, dtype=torch.float64,
@@ -43,9 +57,21 @@ def check(x, p, norm=True, atol=1e-10, rtol=1e-9):
     dict(B=1, C=2, F=9, W=66, H=17, norm=False),                     # no norm
     dict(B=1, C=1, F=1, W=1, H=16),                                  # degenerate sizes
 ])
-def test_matches_reference_float64(kw):
+def test_matches_reference_float64(kw, saved):
     norm = kw.get("norm", True)
     check(*make(**kw), norm=norm)
+
+
+@pytest.mark.parametrize("saved", ["relu"], indirect=True)
+@pytest.mark.parametrize("arg", ["x", "grad", "bias1_pw", "weight2_pw"])
+@pytest.mark.parametrize("case", [c for c in OP_CASES if c.id.startswith("squared_relu_ffn")], ids=lambda c: c.id)
+def test_nan_inf_saved_relu_design(case, arg, saved):
+    """NaN/Inf positions of the saved-relu(z) design (fp16's), exercised in float64 (test_nonfinite runs the
+    float64 default, the saved-h design, on every argument)."""
+    from test_nonfinite import SPECIALS, _check
+
+    for value in SPECIALS:
+        _check(case, arg, value, index=5)
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -67,7 +93,6 @@ def test_gradcheck_through_kernel():
 
 
 def test_module_matches_composed_modules():
-    torch.manual_seed(0)
     m = ftkernels.SquaredReLUFeedForward(3, 8, expansion=2, bias=True).double().to(KERNEL_DEVICE)
     x = rand(2, 3, 8, 5)
     m.backend = "triton"
@@ -90,7 +115,6 @@ def test_bad_input_names_the_argument():
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 @pytest.mark.parametrize("C1", [4, 16])
 def test_low_precision_tolerance_rule(dtype, C1):
-    torch.manual_seed(0)
     B, C, F, W, H = gpu_or_cpu((2, 4, 256, 256, 512), (1, 3, 24, 37, 48))
     x, p = make(B, C, F, W, H=H, C1=C1, dtype=dtype)
     out = ftkernels.squared_relu_ffn(x, **p, backend="triton")
@@ -105,3 +129,86 @@ def test_low_precision_tolerance_rule(dtype, C1):
     ins64 = [x64] + [v for v in p64.values() if v is not None]
     for n, a, l, r in zip(names, grads(out, ins, g.to(dtype)), grads(low, ins, g.to(dtype)), grads(ref64, ins64, g)):
         assert_low_precision_ok(a, l, r, f"d{n} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("end,norm", [("large", False), ("tiny", False), ("tiny", True)])
+def test_squared_relu_range_ends(dtype, end, norm):
+    """The pre-activation z at both ends of the low-precision range, every gradient under the rule.
+
+    large: z ~ 300 on a few frames, so h = z^2 overflows fp16 there (in PyTorch too: the forward and
+    dweight2 are Inf on those frames) while PyTorch's dz = 2 relu(z) dh, and so dx, stays finite.
+    tiny: z ~ 1e-3, so h = z^2 ~ 1e-6 is an fp16 subnormal with a few bits: 2 sqrt(h) from a saved h would
+    be off by percents where PyTorch's 2 relu(z) is exact. Through the norm, z is made tiny by its affine.
+    """
+    B, C, F, W, H = gpu_or_cpu((2, 4, 256, 256, 512), (1, 3, 24, 37, 48))
+    x, p = make(B, C, F, W, H=H, C1=4, dtype=torch.float64, norm=norm)
+    with torch.no_grad():
+        if end == "large":
+            x[..., 3::11] *= 300.0  # about 4 frames
+        elif norm:
+            for n in ("norm_weight", "norm_bias", "bias1_pw", "bias1_dw"):
+                p[n] *= 1e-3
+        else:
+            x *= 1e-3
+            p["bias1_pw"] *= 1e-3
+            p["bias1_dw"] *= 1e-3
+    x = x.detach().to(dtype).requires_grad_()
+    p = {k: v.detach().to(dtype).requires_grad_() if v is not None else None for k, v in p.items()}
+    out = ftkernels.squared_relu_ffn(x, **p, norm=norm, backend="triton")
+    low = reference.squared_relu_ffn(x, **p, norm=norm)
+    x64 = x.detach().double().requires_grad_()
+    p64 = {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in p.items()}
+    ref64 = reference.squared_relu_ffn(x64, **p64, norm=norm)
+    fi = torch.finfo(dtype)
+    floor = fi.smallest_normal * fi.eps  # one subnormal spacing: the default 1e-5 would hide the tiny end
+    if end == "large":
+        assert not low.isfinite().all() and low.isfinite().any(), "h should overflow fp16 on some frames only"
+    assert_low_precision_ok(out, low, ref64, f"forward {dtype}", floor=floor)
+    g = torch.randn_like(ref64)
+    names = ["x"] + [k for k, v in p.items() if v is not None]
+    ins = [x] + [v for v in p.values() if v is not None]
+    ins64 = [x64] + [v for v in p64.values() if v is not None]
+    for n, a, l, r in zip(names, grads(out, ins, g.to(dtype)), grads(low, ins, g.to(dtype)), grads(ref64, ins64, g)):
+        # large: PyTorch's channel-mix weight gradients overflow everywhere (sums of z-sized terms)
+        checked = assert_low_precision_ok(a, l, r, f"d{n} {dtype}", floor=floor, allow_overflow_everywhere=True)
+        assert checked or n.endswith("_dw"), f"d{n}: nothing checked"
+
+
+@pytest.mark.skipif(KERNEL_DEVICE == "cuda", reason="records launches under the interpreter")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_launches_are_gated_specializations(dtype, monkeypatch):
+    """Every kernel variant the feed-forward launches in fp16 (the saved-relu design) and fp32 (saved h) is
+    one the compile gate builds (tests/test_compile_gate.py sweeps fp32 launches only)."""
+    from ftkernels._common import spec as make_spec
+
+    dt = {torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    gated = {(s.kernel_name, s.constexprs) for mod in (mcl, op_module("frame_norm"))
+             for s in mod.compile_specializations() if s.dtype == dt}
+    seen = set()
+
+    class Recorder:
+        def __init__(self, name, fn):
+            self.name, self.fn = name, fn
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                cx = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")}
+                seen.add((self.name, make_spec("m", self.name, dt, cx).constexprs))
+                return self.fn[grid](*args, **kw)
+            return launch
+
+    for mod in (mcl, op_module("frame_norm")):
+        for attr in dir(mod):
+            if attr.endswith("_kernel"):
+                monkeypatch.setattr(mod, attr, Recorder(attr, getattr(mod, attr)))
+    for case in [c for c in OP_CASES if c.id.startswith("squared_relu_ffn")]:
+        for norm in (True, False):
+            args = case.make(dtype=dtype)
+            out = case.fn(**args, norm=norm, backend="triton")
+            torch.autograd.grad(out, list(args.values()), torch.ones_like(out), allow_unused=True)
+    kernels = {k for k, _ in seen}
+    assert {"_positionwise_kernel", "_positionwise_mix_kernel", "_channel_mix_kernel", "_weight_grad_kernel",
+            "_frame_norm_fwd_kernel", "_frame_norm_bwd_kernel"} <= kernels
+    missing = seen - gated
+    assert not missing, f"{dt} launches missing from compile_specializations(): {sorted(missing, key=str)}"
