@@ -208,6 +208,16 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision for inputs of ``dtype``: fp32 follows torch's TF32 setting for CUDA matmuls
+    (``"tf32"`` after ``torch.set_float32_matmul_precision("high")`` or ``torch.backends.cuda.matmul.allow_tf32 =
+    True``, ``"ieee"`` otherwise, torch's default), as ``torch.matmul`` does; fp16/bf16/float64 use ``"ieee"``
+    (a no-op for half types, exact for the float64 interpreter oracle). Read at launch time, not at import."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
 def kernel_dtype_ok(x: torch.Tensor, name: str = "x") -> None:
     """float64 runs in the interpreter (the test oracle) but is not a GPU specialization."""
     if x.dtype == torch.float64 and x.is_cuda:
