@@ -84,3 +84,44 @@ def bss_eval_v4(references, estimates, sr: int, window: float = 1.0) -> dict:
         frames = np.stack([sdr_, isr, sir, sar])
         med = np.nanmedian(frames, axis=2) if np.isfinite(frames).any() else np.full(frames.shape[:2], np.nan)
     return dict(sdr=med[0], isr=med[1], sir=med[2], sar=med[3], frames=frames)
+
+
+def bss_eval_v4_sdr(references, estimates, sr: int, window: float = 1.0) -> dict:
+    """The SDR of :func:`bss_eval_v4` (museval, mode v4), batched and without its distortion filters.
+
+    references, estimates: ``(..., sources, channels, samples)`` (e.g. ``(items, 2, 2, samples)`` with sources
+    vocals, accompaniment). museval's v4 image SDR of a window is ``10 log10(sum s^2 / sum (s - s_hat)^2)``
+    (its filters only split the error into ISR/SIR/SAR), so this computes exactly that, as museval frames it:
+    windows of ``window`` seconds without overlap, the last partial window dropped (one window of the whole
+    signal when it is not longer than ``window``), a window NaN for every source when any reference or estimate
+    source is silent there (its channel sum zero at every sample), +inf for a perfect estimate. Equal to
+    ``bss_eval_v4(...)["sdr"]`` to about 1e-9 relative, thousands of times faster (tests/test_train_v4.py).
+
+    Returns ``{"sdr": (..., sources)`` medians over the windows (``numpy.nanmedian``; NaN when every window is
+    silent), ``"frames": (..., sources, windows)}``.
+    """
+    ref = np.asarray(references, dtype=np.float64)
+    est = np.asarray(estimates, dtype=np.float64)
+    if ref.ndim < 3 or ref.shape != est.shape:
+        raise ValueError(f"references and estimates must both be (..., sources, channels, samples), got "
+                         f"{ref.shape} and {est.shape}")
+    n = ref.shape[-1]
+    win = int(round(window * sr))
+    w = win if win < n else n
+    nwin = n // w if w > 0 else 0
+    if nwin == 0:
+        raise ValueError("references and estimates have no samples")
+    shape = ref.shape[:-1] + (nwin, w)
+    r, e = ref[..., : nwin * w].reshape(shape), est[..., : nwin * w].reshape(shape)  # (..., S, C, nwin, w)
+    silent = np.zeros(ref.shape[:-3] + (nwin,), dtype=bool)
+    for x in (r, e):
+        silent |= np.all(x.sum(axis=-3) == 0, axis=-1).any(axis=-2)
+    num = np.square(r).sum(axis=(-3, -1))  # (..., S, nwin)
+    den = np.square(r - e).sum(axis=(-3, -1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        frames = np.where(den == 0, np.inf, 10 * np.log10(num / np.where(den == 0, 1.0, den)))
+    frames = np.where(silent[..., None, :], np.nan, frames)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-silent: NaN
+        med = np.nanmedian(frames, axis=-1)
+    return dict(sdr=med, frames=frames)

@@ -14,22 +14,44 @@ examples:
 
 "python -m frame_transformer.train" and "python train.py" (in the repository) run the same command.
 
-Loss: L1 between X * mask and Y (magnitudes, per item divided by the mixture's max). AdamW, linear warmup, then
-polynomial decay of the learning rate to --min-lr-ratio * --lr at the last step. The schedule is a function of
-the global step and of the current options: resuming with other --epochs/--lr/--warmup-steps recomputes it, so
-the run continues with the rate a run started with those options would have at that step (extending a finished
-run with linear decay and twice the epochs resumes at half the peak rate and decays to the new end).
+Loss: L1 between X * mask and Y (magnitudes scaled as --normalize says; v4 models: below the Nyquist bin, as
+upstream). Linear warmup to --lr, then polynomial decay to --min-lr-ratio * --lr at the last step. The schedule
+is a function of the global step and of the current options: resuming with other --epochs/--curriculum/--lr/
+--warmup-steps recomputes it, so the run continues with the rate a run started with those options would have at
+that step (extending a finished run with linear decay and twice the epochs resumes at half the peak rate).
+
+Recipes (every option's default depends on --preset; see -h). The all-linear presets (tiny, default, micro):
+AdamW, items scaled by their own maximum, one crop size for --epochs. The v4 presets follow upstream's train4.py
+(kingoomieiii/frame-transformer @ 7bdd31d) and its voxaug dataset: Adam at 1e-4 without weight decay, gradient
+norm clipped at 0.5, a curriculum of crop sizes (v4: 256 frames for 400000 steps at batch 3 x accumulation 3,
+then 512 frames for 500000 steps at batch 1 x 8; upstream switches by epoch, at 0-based epoch 26 of 40, and
+states those step counts in its --steps default), items scaled by their source song's maximum and clipped to
+[0, 1], the target clipped to the mixture (--normalize song --clip-target; frame_transformer/data.py says exactly
+how), upstream's augmentation probabilities (--augment upstream), warmup lr/3, 2lr/3, lr (upstream's
+--warmup_steps 2 is our 3), then linear decay. Upstream's decay (to 1e-12, power 1) ends after (first-stage
+steps per epoch x 40 - 2) steps, which is not its run's length (the second stage has more steps per epoch; its
+rate then dips slightly below 0 and stays there); ours reaches 0 at the curriculum's last step. Upstream trains
+in fp16 with a GradScaler; on CUDA this trains under bf16 autocast (no scaler needed).
+
+--init-from PATH starts a new run from a model's weights (an upstream v4 state_dict as train4.py saves it, a
+converted one, or a train.py checkpoint): the architecture comes from the file, the optimizer and schedule start
+fresh. --resume continues a run (weights, optimizer, schedule, data position, RNG).
 
 Everything lives in --out: checkpoint.pt (model, optimizer, step, position in the epoch, RNG states, options;
 written atomically), log.csv, train.log, loss.png (+ TensorBoard in tb/ if installed), the spectrogram cache.
+A new run refuses an --out that already holds one (continue it with --resume, or --overwrite).
 Checkpoints are written after every epoch, every --save-every-minutes / --save-every-steps, at the end, and on
 Ctrl-C or SIGTERM (then the run stops with exit status 130 / 143; a second Ctrl-C stops without saving).
-Resuming a mid-epoch checkpoint continues bitwise identically on the same device and process count.
+Resuming a mid-epoch checkpoint continues bitwise identically on the same device and process count, across
+curriculum stages too.
 
-Every validation (after each epoch) reports L1, the vocals uSDR and the mask's statistics. A collapsed run
-(validation L1 unchanged and the mask stuck at 0 or 1: the separator passes everything through) stops with
-its likely cause. Exit status: 0 done, 1 unexpected error, 2 bad command line or data, 3 training failed
-(collapse, non-finite losses), 130/143 interrupted.
+Every validation (after each epoch, on --val-items fixed mixes of --val-cropsize frames) reports L1, the vocals
+SDR as BSS-eval v4 computes it (museval's image SDR on 1 s windows, the median over an item's windows where no
+source is silent, then the median over items: what frame_transformer.evaluate reports per track, here per
+validation item), the vocals uSDR (mean over items) and the mask's statistics. A collapsed run (validation L1
+unchanged and the mask stuck at 0 or 1: the separator passes everything through) stops with its likely cause.
+Exit status: 0 done, 1 unexpected error, 2 bad command line or data, 3 training failed (collapse, non-finite
+losses), 130/143 interrupted.
 """
 from __future__ import annotations
 
@@ -45,7 +67,7 @@ import signal
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -53,10 +75,10 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from frame_transformer import audio
-from frame_transformer.data import DataError, ResumableDistributedSampler, SpectrogramCache, build_dataset, \
-    collect_files
-from frame_transformer.metrics import batch_sdr
-from frame_transformer.model import PRESETS, FrameTransformer, preset
+from frame_transformer.data import AUGMENTATIONS, NORMALIZATIONS, DataError, ResumableDistributedSampler, \
+    SpectrogramCache, build_dataset, collect_files
+from frame_transformer.metrics import batch_sdr, bss_eval_v4_sdr
+from frame_transformer.model import PRESETS, FrameTransformer, ModelConfig, preset
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 2
@@ -80,19 +102,81 @@ class TrainingFailed(Exception):
 # spectrogram bins want a mask >= 1 (silences between words, items without vocals, phase cancellation) and a high
 # rate follows that pull before the model tells voice from instruments. lr 1e-3 with 20 warmup steps saturated too;
 # 5e-4 and 1e-3 with 100 warmup steps learned on every seed tried. The default preset keeps the seed's 1e-4 / 2000.
+_LINEAR = dict(optimizer="adamw", weight_decay=0.01, clip=1.0, accum=1, normalize="crop", clip_target=False,
+               augment="standard", curriculum="none")
+# upstream's train4.py @ 7bdd31d (module docstring); cropsize/epochs/batch_size/accum apply with --curriculum none
+_V4 = dict(optimizer="adam", weight_decay=0.0, clip=0.5, normalize="song", clip_target=True, augment="upstream",
+           lr=1e-4, warmup_steps=3)
 PRESET_DEFAULTS: Dict[str, dict] = {
-    "micro": dict(cropsize=32, epochs=4, batch_size=4, lr=5e-4, warmup_steps=50, epoch_size=128),
-    "tiny": dict(cropsize=64, epochs=12, batch_size=4, lr=5e-4, warmup_steps=100, epoch_size=256),
-    "default": dict(cropsize=256, epochs=100, batch_size=8, lr=1e-4, warmup_steps=2000, epoch_size=8000),
+    "micro": dict(_LINEAR, cropsize=32, epochs=4, batch_size=4, lr=5e-4, warmup_steps=50, epoch_size=128),
+    "tiny": dict(_LINEAR, cropsize=64, epochs=12, batch_size=4, lr=5e-4, warmup_steps=100, epoch_size=256),
+    "default": dict(_LINEAR, cropsize=256, epochs=100, batch_size=8, lr=1e-4, warmup_steps=2000, epoch_size=8000),
+    "linear": dict(_LINEAR, cropsize=256, epochs=100, batch_size=8, lr=1e-4, warmup_steps=2000, epoch_size=8000),
+    "v4": dict(_V4, curriculum="256:400000:3:3,512:500000:1:8", epoch_size=18000, cropsize=256, epochs=50,
+               batch_size=3, accum=3),
+    # upstream's recipe at CPU scale (800 steps, ~7 min): crops 64 then 128 frames (n_fft 256, hop 128) and a rate
+    # for a short schedule: on speech-over-instruments audio (README) lr 5e-4 reached a median test vocals SDR of
+    # 1.59 / 1.76 dB (seeds 0 / 1), upstream's 1e-4 1.05 / 1.56 dB (the mixture itself: -14.54 dB)
+    "v4-tiny": dict(_V4, curriculum="64:600:3:1,128:200:1:3", epoch_size=240, cropsize=64, epochs=8, batch_size=3,
+                    accum=1, lr=5e-4),
+    "v4-micro": dict(_V4, curriculum="16:60:3:1,32:20:1:3", epoch_size=48, cropsize=16, epochs=4, batch_size=3,
+                     accum=1),
 }
 # options that define the model or its input: a resumed run cannot change them
 ARCHITECTURE = ("preset", "channels", "n_fft", "num_heads", "expansion", "num_attention_maps", "channel_mults",
                 "levels", "dropout", "sr", "hop")
+# set by a curriculum's stages: given on the command line beside a curriculum they are an error
+STAGE_OPTIONS = ("cropsize", "batch_size", "accum", "epochs")
 # never taken from the checkpoint: they describe this invocation, not the run
 NOT_SAVED = ("resume", "out", "overwrite", "stop_after_steps", "no_progress", "inject_nan_at", "threads", "device",
              "workers", "log_every_steps")
 DATA_FOLDERS = ("instrumentals", "vocals", "pairs", "val_instrumentals", "val_vocals", "val_pairs", "synth_dir",
-                "cache_dir")
+                "cache_dir", "init_from")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage of training: crop frames, micro-batch, accumulation, and its optimizer steps (None: the single
+    stage of a run without a curriculum, which lasts --epochs)."""
+    cropsize: int
+    batch_size: int
+    accum: int
+    steps: Optional[int] = None
+
+    @property
+    def items(self) -> int:
+        """Items per optimizer step and process."""
+        return self.batch_size * self.accum
+
+    def __str__(self) -> str:
+        return f"crop {self.cropsize} frames, batch {self.batch_size} x accum {self.accum}"
+
+
+def parse_curriculum(text: str) -> List[Stage]:
+    """"CROP:STEPS:BATCH[:ACCUM],..." -> stages ([] for "none"); ValueError naming the bad stage."""
+    if text is None or text.strip().lower() == "none":
+        return []
+    stages = []
+    for part in text.split(","):
+        fields = part.strip().split(":")
+        try:
+            values = [int(f) for f in fields]
+        except ValueError:
+            values = []
+        if len(values) not in (3, 4) or min(values) < 1:
+            raise ValueError(f"stage {part.strip()!r} is not CROP:STEPS:BATCH[:ACCUM] with positive integers "
+                             f"(e.g. 256:400000:3:3,512:500000:1:8, or none)")
+        crop, steps, batch = values[:3]
+        stages.append(Stage(crop, batch, values[3] if len(values) == 4 else 1, steps))
+    return stages
+
+
+def _curriculum(s: str) -> str:
+    try:
+        stages = parse_curriculum(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return ",".join(f"{t.cropsize}:{t.steps}:{t.batch_size}:{t.accum}" for t in stages) or "none"
 
 
 def _int_list(s: str) -> List[int]:
@@ -125,10 +209,18 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return h + " (default: %(default)s)"
 
 
+def preset_defaults_help(key: str) -> str:
+    """"default per --preset: micro, tiny 0.0005; default, linear, v4, v4-tiny, v4-micro 0.0001" (presets with the
+    same default grouped, in PRESET_DEFAULTS' order)."""
+    groups: Dict[str, List[str]] = {}
+    for name, d in PRESET_DEFAULTS.items():
+        v = d[key]
+        groups.setdefault("on" if v is True else "off" if v is False else str(v), []).append(name)
+    return "default per --preset: " + "; ".join(f"{', '.join(names)} {v}" for v, names in groups.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    per = ", ".join
-    def pd(key):  # "tiny 5e-4, default 1e-4, micro ..."
-        return "default per --preset: " + per(f"{n} {d[key]}" for n, d in PRESET_DEFAULTS.items())
+    pd = preset_defaults_help
 
     p = _Parser(prog=prog(), description=__doc__, formatter_class=_HelpFormatter)
     g = p.add_argument_group("data")
@@ -148,15 +240,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-dir", metavar="DIR", help="spectrogram cache (default: OUT/cache)")
     g.add_argument("--sr", type=int, help="sample rate (default: 16000 for the demo data, else 44100)")
     g.add_argument("--hop", type=int, help="STFT hop (default: n_fft // 2)")
-    g.add_argument("--cropsize", type=int, help="frames per training item (" + pd("cropsize") + ")")
+    g.add_argument("--cropsize", type=int,
+                   help="frames per training item, without a curriculum (" + pd("cropsize") + ")")
     g.add_argument("--epoch-size", type=int,
                    help="items per epoch; voxaug mixes are unlimited (" + pd("epoch_size") + ")")
     g.add_argument("--val-items", type=int, default=32, help="validation items (fixed mixes)")
+    g.add_argument("--val-cropsize", type=int, help="frames per validation item (default: the largest training crop)")
+    g.add_argument("--normalize", choices=NORMALIZATIONS,
+                   help="item scale: crop = the item's own mixture maximum; song = its source song's maximum taken "
+                        "before mixing, then clipped to [0, 1] (upstream v4; frame_transformer/data.py) ("
+                        + pd("normalize") + ")")
+    g.add_argument("--clip-target", action=argparse.BooleanOptionalAction,
+                   help="clip the target to the mixture, Y = min(Y, X): no bin asks for a mask above 1 (upstream v4) ("
+                        + pd("clip_target") + ")")
+    g.add_argument("--augment", choices=sorted(AUGMENTATIONS),
+                   help="voxaug augmentation probabilities: standard (this project's) or upstream (its v4 dataset) ("
+                        + pd("augment") + ")")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     g = p.add_argument_group("model")
     g.add_argument("--preset", choices=sorted(PRESETS),
-                   help="model size: tiny (CPU), default (the seed's sizes), micro (tests) "
-                        "(default: default for real data on CUDA, else tiny)")
+                   help="model and training recipe: v4 (the seed's published model, upstream's recipe), v4-tiny "
+                        "(v4 at CPU size), v4-micro (tests); the all-linear network: default = linear (n_fft 2048), "
+                        "tiny (CPU), micro (tests) (default: the --init-from model's; else default for real data "
+                        "on CUDA, else tiny)")
     g.add_argument("--channels", type=int, help="base channels (default: the preset's)")
     g.add_argument("--n-fft", type=int, help="STFT size (default: the preset's)")
     g.add_argument("--num-heads", type=int, help="attention heads (default: the preset's)")
@@ -169,15 +275,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float, help="dropout (default: the preset's)")
     g.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"], help="ftkernels backend")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, help="epochs; with --resume, the new total (" + pd("epochs") + ")")
-    g.add_argument("--batch-size", type=int, help="items per micro-batch and process (" + pd("batch_size") + ")")
-    g.add_argument("--accum", type=int, default=1, help="gradient accumulation: micro-batches per optimizer step")
+    g.add_argument("--curriculum", type=_curriculum, metavar="CROP:STEPS:BATCH:ACCUM,...",
+                   help="training stages, each with its crop frames, optimizer steps, micro-batch and gradient "
+                        "accumulation; the run ends after the last stage, an epoch (--epoch-size items) is the "
+                        "interval between validations; none = one stage of --cropsize, --batch-size, --accum for "
+                        "--epochs (" + pd("curriculum") + ")")
+    g.add_argument("--epochs", type=int, help="epochs, without a curriculum; with --resume, the new total ("
+                   + pd("epochs") + ")")
+    g.add_argument("--batch-size", type=int, help="items per micro-batch and process, without a curriculum ("
+                   + pd("batch_size") + ")")
+    g.add_argument("--accum", type=int, help="gradient accumulation: micro-batches per optimizer step, without a "
+                   "curriculum (" + pd("accum") + ")")
+    g.add_argument("--optimizer", choices=["adam", "adamw"], help="Adam (L2 weight decay, as upstream) or AdamW "
+                   "(decoupled) (" + pd("optimizer") + ")")
     g.add_argument("--lr", type=float, help="peak learning rate (" + pd("lr") + ")")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    g.add_argument("--weight-decay", type=float, help="weight decay (" + pd("weight_decay") + ")")
     g.add_argument("--warmup-steps", type=int, help="linear warmup steps (" + pd("warmup_steps") + ")")
     g.add_argument("--power", type=float, default=1.0, help="polynomial decay power after warmup (1 = linear)")
     g.add_argument("--min-lr-ratio", type=float, default=0.0, help="final learning rate as a fraction of --lr")
-    g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0 = off)")
+    g.add_argument("--clip", type=float, help="gradient-norm clipping, 0 = off (" + pd("clip") + ")")
     g.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
     g.add_argument("--max-nan", type=int, default=10, help="stop after this many non-finite steps in a row")
     g = p.add_argument_group("run")
@@ -186,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in --out from OUT/checkpoint.pt, or from CKPT (then --out defaults to "
                         "CKPT's folder); options given on the command line replace the saved ones (default: off)")
     g.add_argument("--overwrite", action="store_true", help="start a new run in an --out that already holds one")
+    g.add_argument("--init-from", metavar="PATH",
+                   help="start a new run from a model's weights: an upstream v4 state_dict (as train4.py saves it), "
+                        "a converted one or a train.py checkpoint; the architecture comes from it (model options "
+                        "that contradict it are an error), the optimizer and schedule start fresh (default: off)")
     g.add_argument("--save-every-minutes", type=float, default=10.0,
                    help="also checkpoint when this much time passed since the last save (0 = off)")
     g.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N steps (0 = off)")
@@ -209,8 +329,8 @@ def explicit_options(parser: argparse.ArgumentParser, argv: List[str]) -> set:
     probe = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
     for a in parser._actions:
         if a.option_strings and not isinstance(a, argparse._HelpAction):
-            kw = dict(dest=a.dest, nargs=a.nargs, const=a.const) if not isinstance(a, argparse._StoreTrueAction) \
-                else dict(dest=a.dest, action="store_true")
+            flag = isinstance(a, (argparse._StoreTrueAction, argparse.BooleanOptionalAction))
+            kw = dict(dest=a.dest, action="store_true") if flag else dict(dest=a.dest, nargs=a.nargs, const=a.const)
             probe.add_argument(*a.option_strings, **kw)
     ns, _ = probe.parse_known_args(argv)
     return set(vars(ns))
@@ -237,18 +357,23 @@ def read_checkpoint(path: str) -> dict:
 
 
 def resolve_options(argv: Optional[List[str]] = None):
-    """Parse the command line; with --resume merge the checkpoint's options. Returns (args, checkpoint or None,
-    notes: the saved options that the command line replaced, for the log)."""
+    """Parse the command line; with --resume merge the checkpoint's options, with --init-from take the model's.
+    Returns (args, checkpoint to resume or None, notes: the saved options that the command line replaced, for the
+    log, init: the --init-from weights or None)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     given = explicit_options(parser, argv)
+    if args.resume and "init_from" in given:
+        raise UsageError("--init-from starts a new run from a model's weights and --resume continues a run: give one "
+                         "of them")
     ck, notes = merge_resumed_options(args, given) if args.resume else (None, [])
     check_data_options(args)
-    fill_defaults(args)
+    init = read_init(args, given) if args.init_from and ck is None else None
+    fill_defaults(args, given)
     if ck is not None:
         check_same_model(args, ck, given)
-    return args, ck, notes
+    return args, ck, notes, init
 
 
 def merge_resumed_options(args, given: set):
@@ -264,12 +389,16 @@ def merge_resumed_options(args, given: set):
     args.resume = os.path.abspath(path)
     notes = []
     for k, v in ck["config"]["args"].items():
-        if k in NOT_SAVED or not hasattr(args, k):
+        if k in NOT_SAVED or not hasattr(args, k) and k != "init_model":
             continue
         if k not in given:
             setattr(args, k, v)
         elif k not in ARCHITECTURE and getattr(args, k) != v:
             notes.append(f"{k} {v} -> {getattr(args, k)}")
+    if "optimizer" in given and ck["config"]["args"].get("optimizer", "adamw") != args.optimizer:
+        raise UsageError(f"--optimizer {args.optimizer} conflicts with the resumed run's optimizer "
+                         f"{ck['config']['args'].get('optimizer', 'adamw')}: its state does not carry over; start a "
+                         f"new run from these weights with --init-from {path}")
     return ck, notes
 
 
@@ -289,26 +418,80 @@ def check_data_options(args) -> None:
             setattr(args, k, os.path.abspath(getattr(args, k)))
 
 
-def fill_defaults(args) -> None:
-    """Options still unset take their preset's defaults (the preset: default for real data on CUDA, else tiny)."""
-    synthetic = not (args.instrumentals or args.pairs)
-    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    args.preset = args.preset or ("default" if cuda and not synthetic else "tiny")
-    for k, v in dict(PRESET_DEFAULTS[args.preset], sr=16000 if synthetic else 44100).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    args.hop = args.hop or (args.n_fft or PRESETS[args.preset].n_fft) // 2
-    for k in ("epochs", "batch_size", "epoch_size", "cropsize", "accum", "val_items"):
-        if getattr(args, k) < 1:
-            raise UsageError(f"--{k.replace('_', '-')} must be at least 1, got {getattr(args, k)}")
-    if args.lr <= 0:
-        raise UsageError(f"--lr must be positive, got {args.lr}")
-
-
 # ModelConfig field -> command-line option
 MODEL_OPTIONS = dict(channels="channels", n_fft="n_fft", num_heads="num_heads", expansion="expansion",
                      num_attention_maps="num_attention_maps", channel_mults="channel_mults", num_levels="levels",
                      dropout="dropout")
+
+
+def read_init(args, given: set) -> dict:
+    """Load the --init-from model (on the CPU, through frame_transformer.upstream.load_model) and take its
+    architecture: ``args.init_model`` (its ModelConfig), the preset whose recipe applies, sr and hop. Model options
+    given on the command line must agree with it (--dropout may change: it is not in the weights)."""
+    from frame_transformer.upstream import CheckpointError, load_model
+
+    try:
+        model, info = load_model(args.init_from, device="cpu")
+    except (OSError, CheckpointError) as e:
+        raise UsageError(f"--init-from: {e}") from None
+    cfg = dict(info["model"])
+    for field, opt in MODEL_OPTIONS.items():
+        value = getattr(args, opt)
+        if opt in given and opt != "dropout" and value != cfg.get(field) and not (
+                field == "num_levels" and value == len(cfg["num_attention_maps"])):
+            raise UsageError(f"--{opt.replace('_', '-')} {value} conflicts with the --init-from model's {field} "
+                             f"{cfg.get(field)}: its architecture comes from {args.init_from}; drop the option")
+    same = lambda c: {k: v for k, v in c.to_dict().items() if k != "dropout"} == \
+        {k: v for k, v in cfg.items() if k != "dropout"}
+    if "preset" in given:
+        if not same(PRESETS[args.preset]):
+            raise UsageError(f"--preset {args.preset} conflicts with the --init-from model ({cfg['architecture']}, "
+                             f"channels {cfg['channels']}, n_fft {cfg['n_fft']}): its architecture comes from "
+                             f"{args.init_from}; drop --preset")
+    else:  # the recipe of the preset it is, else of its architecture's preset at its n_fft, else of the full size
+        kin = [n for n, c in PRESETS.items() if c.architecture == cfg["architecture"]]
+        args.preset = next((n for n in kin if same(PRESETS[n])), None) or next(
+            (n for n in kin if PRESETS[n].n_fft == cfg["n_fft"]), "v4" if cfg["architecture"] == "v4" else "default")
+    if args.dropout is not None:
+        cfg["dropout"] = args.dropout
+    args.init_model = cfg
+    if info.get("format") == "ftkernels":  # our checkpoints know their input; upstream's sr/hop are assumptions
+        args.sr = args.sr or info.get("sr")
+        args.hop = args.hop or info.get("hop")
+    return dict(path=args.init_from, state_dict=model.state_dict(), format=info.get("format"))
+
+
+def fill_defaults(args, given: set = frozenset()) -> None:
+    """Options still unset take their preset's defaults (the preset: default for real data on CUDA, else tiny);
+    a curriculum then sets the crop, batch and accumulation per stage."""
+    synthetic = not (args.instrumentals or args.pairs)
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    args.preset = args.preset or ("default" if cuda and not synthetic else "tiny")
+    if not hasattr(args, "init_model"):
+        args.init_model = None
+    for k, v in dict(PRESET_DEFAULTS[args.preset], sr=16000 if synthetic else 44100).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.hop = args.hop or model_config(args).n_fft // 2
+    try:
+        stages = parse_curriculum(args.curriculum)
+    except ValueError as e:
+        raise UsageError(f"--curriculum: {e}") from None
+    if stages:
+        clash = [k for k in STAGE_OPTIONS if k in given]
+        if clash:
+            k = clash[0]
+            raise UsageError(f"--{k.replace('_', '-')} conflicts with the curriculum {args.curriculum} (its stages set "
+                             f"the crop, batch, accumulation and length): give the stages with --curriculum "
+                             f"CROP:STEPS:BATCH:ACCUM,... or train one stage with --curriculum none")
+        args.cropsize = stages[-1].cropsize  # what inference uses (upstream: the last stage's 512)
+        args.batch_size = args.accum = args.epochs = None
+    for k in ("epochs", "batch_size", "epoch_size", "cropsize", "accum", "val_items", "val_cropsize"):
+        if getattr(args, k) is not None and getattr(args, k) < 1:
+            raise UsageError(f"--{k.replace('_', '-')} must be at least 1, got {getattr(args, k)}")
+    args.val_cropsize = args.val_cropsize or max(t.cropsize for t in stages or [Stage(args.cropsize, 1, 1)])
+    if args.lr <= 0:
+        raise UsageError(f"--lr must be positive, got {args.lr}")
 
 
 def check_same_model(args, ck: dict, given: set) -> None:
@@ -325,11 +508,39 @@ def check_same_model(args, ck: dict, given: set) -> None:
                          f"change its model or input; drop the option, or start a new run in another --out")
 
 
-def model_config(args):
+def model_config(args) -> ModelConfig:
+    """The model: the --init-from model's configuration, else the preset's, with the model options given."""
     over = dict(channels=args.channels, n_fft=args.n_fft, num_heads=args.num_heads, expansion=args.expansion,
                 num_attention_maps=args.num_attention_maps, channel_mults=args.channel_mults,
                 num_levels=args.levels, dropout=args.dropout)
+    if getattr(args, "init_model", None):
+        return dataclasses.replace(ModelConfig(**args.init_model), **({} if args.dropout is None else
+                                                                      dict(dropout=args.dropout)))
     return preset(args.preset, **{k: v for k, v in over.items() if v is not None})
+
+
+def stages(args) -> List[Stage]:
+    """The run's stages: the curriculum's, or one stage of --cropsize/--batch-size/--accum (steps None)."""
+    return parse_curriculum(args.curriculum) or [Stage(args.cropsize, args.batch_size, args.accum)]
+
+
+def stage_at(args, step: int) -> Tuple[int, Stage]:
+    """(index, stage) of optimizer step ``step`` (0-based); past the curriculum's end, its last stage."""
+    end = 0
+    all_stages = stages(args)
+    for i, st in enumerate(all_stages):
+        if st.steps is None:
+            return i, st
+        end += st.steps
+        if step < end:
+            return i, st
+    return len(all_stages) - 1, all_stages[-1]
+
+
+def curriculum_steps(args) -> Optional[int]:
+    """Optimizer steps of the whole curriculum, or None without one."""
+    st = parse_curriculum(args.curriculum)
+    return sum(t.steps for t in st) if st else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -348,7 +559,7 @@ class Run:
     val_set: object = None
     sampler: Optional[ResumableDistributedSampler] = None
     loader_gen: Optional[torch.Generator] = None
-    steps_per_epoch: int = 0
+    items_per_epoch: int = 0  # per process: --epoch-size // processes
     total_steps: int = 0
     step: int = 0            # optimizer steps done (skipped non-finite steps included)
     epoch: int = 0           # epochs completed
@@ -360,6 +571,7 @@ class Run:
     stop_signal: int = 0     # set by the SIGINT/SIGTERM handler
     armed: bool = False      # a signal before training starts stops at once (nothing to save)
     last_save: float = 0.0
+    val_baseline: float = float("nan")  # BSS-eval v4 vocals SDR of the mixture itself on the validation items
 
     @property
     def main(self) -> bool:
@@ -436,25 +648,32 @@ def load_data(run: Run) -> None:
     (inst, voc, pairs), (v_inst, v_voc, v_pairs) = data_folders(a)
     cache = SpectrogramCache(a.cache_dir or os.path.join(a.out, "cache"), a.sr, cfg.n_fft, a.hop)
     if run.main:  # rank 0 fills the cache, the others then find it there
-        build_dataset(cache, inst, voc, pairs, progress=not a.no_progress, cropsize=a.cropsize)
-        build_dataset(cache, v_inst, v_voc, v_pairs, progress=not a.no_progress, cropsize=a.cropsize)
+        build_dataset(cache, inst, voc, pairs, progress=not a.no_progress)
+        build_dataset(cache, v_inst, v_voc, v_pairs, progress=not a.no_progress)
     barrier(run)
-    run.train_set = build_dataset(cache, inst, voc, pairs, cropsize=a.cropsize, epoch_size=a.epoch_size,
-                                  seed=a.seed, augment=True)
-    run.val_set = build_dataset(cache, v_inst, v_voc, v_pairs, cropsize=a.cropsize, epoch_size=a.val_items,
-                                seed=a.seed + 7919, augment=False, return_complex=True)
+    scaling = dict(normalize=a.normalize, **AUGMENTATIONS[a.augment])
+    run.train_set = build_dataset(cache, inst, voc, pairs, cropsize=stage_at(a, run.step)[1].cropsize,
+                                  epoch_size=a.epoch_size, seed=a.seed, augment=True, clip_target=a.clip_target,
+                                  **scaling)
+    # validation: plain mixes, scaled as in training, the target not clipped (as upstream validates)
+    run.val_set = build_dataset(cache, v_inst, v_voc, v_pairs, cropsize=a.val_cropsize, epoch_size=a.val_items,
+                                seed=a.seed + 7919, augment=False, return_complex=True, **scaling)
     t = run.train_set
     run.log(f"data: {len(t.instrumentals)} instrumentals, {len(t.vocals)} vocals, {len(t.pairs)} pairs "
-            f"({len(cache.failed)} unreadable skipped); {len(run.val_set)} validation items")
+            f"({len(cache.failed)} unreadable skipped); {len(run.val_set)} validation items of {a.val_cropsize} frames "
+            f"({a.val_cropsize * a.hop / a.sr:.2f} s); items scaled per {a.normalize}"
+            f"{', target clipped to the mixture' if a.clip_target else ''}, {a.augment} augmentation")
 
 
-def epoch_loader(run: Run) -> DataLoader:
-    """This epoch's batches from where the run stands in it (the sampler skips the items already seen)."""
+def epoch_loader(run: Run, stage: Stage) -> DataLoader:
+    """This epoch's batches of ``stage`` from where the run stands in it (the sampler skips the items already
+    seen; a curriculum stage that starts mid-epoch continues the same epoch's item order at its crop size)."""
     a = run.args
     run.train_set.set_epoch(run.epoch)
+    run.train_set.cropsize = stage.cropsize
     run.sampler.set_epoch(run.epoch)
     run.sampler.set_start(run.epoch_items)
-    return DataLoader(run.train_set, batch_size=a.batch_size, sampler=run.sampler, num_workers=a.workers,
+    return DataLoader(run.train_set, batch_size=stage.batch_size, sampler=run.sampler, num_workers=a.workers,
                       generator=run.loader_gen, drop_last=True, pin_memory=run.device.type == "cuda",
                       worker_init_fn=_ignore_sigint if a.workers else None)
 
@@ -467,16 +686,30 @@ def _ignore_sigint(worker_id: int) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # 4. model
 # ---------------------------------------------------------------------------------------------------------------
-def build_model(run: Run) -> None:
+def build_model(run: Run, init: Optional[dict] = None) -> None:
+    """The model of the options, seeded; with ``init`` (--init-from) its weights are the checkpoint's."""
     a = run.args
     torch.manual_seed(a.seed)
-    run.model = FrameTransformer(model_config(a), backend=a.backend).to(run.device)
+    run.model = FrameTransformer(model_config(a), backend=a.backend)
+    if init is not None:
+        run.model.load_state_dict(init["state_dict"])
+    run.model.to(run.device)
     run.ddp = run.model
     if run.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         run.ddp = DDP(run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
-    run.log(f"FrameTransformer ({a.preset}): {run.model.num_parameters():,} parameters")
+    source = f"; weights from {init['path']} ({init['format']})" if init is not None else ""
+    run.log(f"FrameTransformer ({a.preset}{', the --init-from model' if init is not None else ''}): "
+            f"{run.model.num_parameters():,} parameters{source}")
+    if run.device.type == "cpu" and run.model.num_parameters() > 20_000_000:
+        run.log("note: a model this size trains on the CPU at many seconds per item; use a GPU (--device cuda), or "
+                "--preset v4-tiny / tiny on the CPU")
+
+
+def loss_bins(run: Run) -> int:
+    """Frequency bins the loss covers: v4 leaves out the Nyquist bin, whose mask is 0 (upstream: X[:, :, :max_bin])."""
+    return run.model.max_bin if run.model.config.architecture == "v4" else run.model.output_bin
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -484,12 +717,15 @@ def build_model(run: Run) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 def build_optimizer(run: Run) -> None:
     a = run.args
-    run.optimizer = torch.optim.AdamW(run.model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
-    per_step = a.batch_size * a.accum * run.world
-    run.steps_per_epoch = a.epoch_size // per_step
-    if run.steps_per_epoch < 1:
-        raise UsageError(f"--epoch-size {a.epoch_size} is smaller than one step ({a.batch_size} batch x {a.accum} "
-                         f"accum x {run.world} processes); raise --epoch-size or lower --batch-size")
+    opt = torch.optim.Adam if a.optimizer == "adam" else torch.optim.AdamW
+    run.optimizer = opt(run.model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
+    run.items_per_epoch = a.epoch_size // run.world
+    for i, st in enumerate(stages(a)):
+        if st.items > run.items_per_epoch:
+            where = f"stage {i + 1} of --curriculum ({st})" if st.steps is not None else \
+                f"one step ({st.batch_size} batch x {st.accum} accum)"
+            raise UsageError(f"--epoch-size {a.epoch_size} is smaller than {where} x {run.world} process(es); raise "
+                             f"--epoch-size or lower the batch")
     run.total_steps = schedule_length(run)
     run.loader_gen = torch.Generator()
     run.loader_gen.manual_seed(a.seed)
@@ -497,13 +733,41 @@ def build_optimizer(run: Run) -> None:
                                               seed=a.seed, drop_last=True)
 
 
+def finished(run: Run) -> bool:
+    """The run is over: its curriculum's steps are done, or (without one) its epochs."""
+    total = curriculum_steps(run.args)
+    return run.step >= total if total is not None else run.epoch >= run.args.epochs
+
+
+def epoch_steps_left(run: Run, step: Optional[int] = None, epoch_items: Optional[int] = None) -> int:
+    """Optimizer steps left in the current epoch: each takes its stage's batch x accum items of this process's
+    --epoch-size // processes, and the epoch ends when the next step's items no longer fit (or the run ends)."""
+    step = run.step if step is None else step
+    items = run.epoch_items if epoch_items is None else epoch_items
+    total = curriculum_steps(run.args)
+    n = 0
+    while total is None or step < total:
+        st = stage_at(run.args, step)[1]
+        if items + st.items > run.items_per_epoch:
+            break
+        if total is None:  # one stage: the rest at once
+            return n + (run.items_per_epoch - items) // st.items
+        items, step, n = items + st.items, step + 1, n + 1
+    return n
+
+
 def schedule_length(run: Run) -> int:
-    """Optimizer steps of the whole run: the steps done plus those the current options leave (the rest of this
-    epoch and the epochs to go). For a run that never changed its options that is --epochs x steps per epoch; a
-    resume with other --epochs, --batch-size or --epoch-size stretches or shrinks the decay to the new end."""
-    done_in_epoch = run.epoch_items // (run.args.batch_size * run.args.accum)
-    left = max(0, run.steps_per_epoch - done_in_epoch) + max(0, run.args.epochs - run.epoch - 1) * run.steps_per_epoch
-    return run.step + left if run.epoch < run.args.epochs else run.step
+    """Optimizer steps of the whole run: the curriculum's, or the steps done plus those the current options leave
+    (the rest of this epoch and the epochs to go). For a run that never changed its options that is --epochs x
+    steps per epoch; a resume with other --epochs, --batch-size or --epoch-size stretches or shrinks the decay to
+    the new end, a resume with another --curriculum to its end."""
+    total = curriculum_steps(run.args)
+    if total is not None:
+        return total
+    if run.epoch >= run.args.epochs:
+        return run.step
+    per_epoch = epoch_steps_left(run, epoch_items=0)
+    return run.step + epoch_steps_left(run) + (run.args.epochs - run.epoch - 1) * per_epoch
 
 
 def lr_at(step: int, args, total_steps: int) -> float:
@@ -541,13 +805,14 @@ def train_step(run: Run, batches) -> Optional[float]:
     run.ddp.train()
     run.optimizer.zero_grad(set_to_none=True)
     total, finite = 0.0, True
+    bins = loss_bins(run)
     for i, (x, y) in enumerate(batches):
         x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
         sync = not run.distributed or i == len(batches) - 1
         with (run.ddp.no_sync() if not sync else contextlib.nullcontext()):
             with autocast(run):
                 mask = run.ddp(x)
-            loss = torch.nn.functional.l1_loss(x * mask.float(), y)
+            loss = torch.nn.functional.l1_loss((x * mask.float())[:, :, :bins], y[:, :, :bins])
             if a.inject_nan_at == "all" or str(run.step + 1) in a.inject_nan_at.split(","):
                 loss = loss * float("nan")
             (loss / len(batches)).backward()
@@ -632,7 +897,7 @@ def save_checkpoint(run: Run) -> None:
                      step=run.step, epoch=run.epoch, epoch_items=run.epoch_items, nan_total=run.nan_total,
                      nan_run=run.nan_run, history=run.history, rng=rng_state(run), world=run.world,
                      config=dict(model=cfg.to_dict(), sr=run.args.sr, n_fft=cfg.n_fft, hop=run.args.hop,
-                                 cropsize=run.args.cropsize, args=saved_args)),
+                                 cropsize=run.args.cropsize, normalize=run.args.normalize, args=saved_args)),
                 run.checkpoint_path)
 
 
@@ -642,6 +907,8 @@ def restore_checkpoint(run: Run, ck: dict) -> None:
         run.optimizer.load_state_dict(ck["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
         raise UsageError(f"--resume: the checkpoint does not fit the model ({str(e).splitlines()[0]})") from None
+    for group in run.optimizer.param_groups:  # load_state_dict restored the saved value: the options decide
+        group["weight_decay"] = run.args.weight_decay
     run.step, run.epoch = ck["step"], ck["epoch"]
     if "epoch_items" in ck:
         run.epoch_items = ck["epoch_items"]
@@ -660,42 +927,89 @@ def restore_checkpoint(run: Run, ck: dict) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # 8. validation: L1, separation metrics, the mask's statistics, collapse diagnosis
 # ---------------------------------------------------------------------------------------------------------------
-def separation_metrics(estimate: torch.Tensor, reference: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """Per-item metrics of separated vocals: (B, 2, samples) waveforms -> {name: (B,) values}. Add metrics here;
-    :func:`validate` averages each over the items that have vocals and logs it as ``val_<name>``."""
-    return dict(sdr=batch_sdr(estimate, reference))
+def separation_metrics(estimate: torch.Tensor, reference: torch.Tensor, mixture: torch.Tensor, sr: int
+                       ) -> Dict[str, torch.Tensor]:
+    """Per-item metrics of separated vocals: (B, 2, samples) waveforms (the mixture too) -> {name: (B,) values}.
+    :func:`validate` summarises each over the items as :data:`SUMMARY` says and logs it as ``val_<name>``.
+
+    * ``sdr``: uSDR, ``10 log10(sum s^2 / sum (s - s_hat)^2)`` over the whole item (items without vocals: NaN).
+    * ``bss_sdr``: BSS-eval v4 vocals SDR as museval computes it for MUSDB18 and frame_transformer.evaluate
+      reports it (sources vocals and accompaniment = mixture - vocals, the estimate's accompaniment = mixture -
+      its vocals; 1 s windows; the median over the item's windows where no source is silent; NaN when all are):
+      :func:`frame_transformer.metrics.bss_eval_v4_sdr`, equal to museval's.
+    """
+    usdr = batch_sdr(estimate, reference)
+    usdr[reference.flatten(1).abs().amax(1) <= 1e-6] = float("nan")
+    refs = torch.stack([reference, mixture - reference], 1).double().cpu().numpy()
+    ests = torch.stack([estimate, mixture - estimate], 1).double().cpu().numpy()
+    bss = torch.from_numpy(bss_eval_v4_sdr(refs, ests, sr)["sdr"][:, 0])
+    return dict(sdr=usdr, bss_sdr=bss)
+
+
+# how validate() summarises each metric over the items (NaN items left out): uSDR as before, the mean; BSS-eval
+# SDR as MUSDB18 results are reported, the median
+SUMMARY = dict(sdr="mean", bss_sdr="median")
+
+
+def _summary(v: torch.Tensor, how: str) -> float:
+    v = v[~torch.isnan(v)].double()
+    if not len(v):
+        return float("nan")
+    return float(v.mean()) if how == "mean" else float(np.median(v.numpy()))
+
+
+def val_batches(run: Run, batch_size: int) -> DataLoader:
+    """The validation items in order; with a generator of its own, so that validating leaves the global RNG (and
+    with it dropout) where training had it: a resumed run validates at other moments than a straight one."""
+    return DataLoader(run.val_set, batch_size=batch_size, shuffle=False, num_workers=0, generator=torch.Generator())
 
 
 @torch.no_grad()
 def validate(run: Run) -> dict:
-    """L1 loss, the mean of every :func:`separation_metrics` metric (vocals = iSTFT of (1 - mask) * mixture, the
-    mixture's phase), and the mask's mean and saturation (fraction of bins within 1e-3 of 0 or 1)."""
+    """L1 loss (the loss's bins), every :func:`separation_metrics` metric (vocals = iSTFT of (1 - mask) * mixture,
+    the mixture's phase), and the mask's mean and saturation (fraction of bins within 1e-3 of 0 or 1)."""
     a, model = run.args, run.model
     was = model.training
     model.eval()
     losses, metrics, masks_mean, sat = [], {}, [], []
-    for x, y, xc, vc in DataLoader(run.val_set, batch_size=a.batch_size, shuffle=False, num_workers=0):
+    n_fft, bins = model_config(a).n_fft, loss_bins(run)
+    batch = max(t.batch_size for t in stages(a))
+    for x, y, xc, vc in val_batches(run, batch):
         x, y, xc, vc = x.to(run.device), y.to(run.device), xc.to(run.device), vc.to(run.device)
         with autocast(run):
             mask = model(x)
         mask = mask.float()
-        losses.append(torch.nn.functional.l1_loss(x * mask, y, reduction="none").flatten(1).mean(1).cpu())
+        l1 = torch.nn.functional.l1_loss((x * mask)[:, :, :bins], y[:, :, :bins], reduction="none")
+        losses.append(l1.flatten(1).mean(1).cpu())
         masks_mean.append(mask.flatten(1).mean(1).cpu())
         sat.append(((mask < 1e-3) | (mask > 1 - 1e-3)).float().flatten(1).mean(1).cpu())
         length = (x.shape[-1] - 1) * a.hop
-        n_fft = model_config(a).n_fft
         est = audio.istft((1 - mask).to(xc.real.dtype) * xc, n_fft, a.hop, length)
         ref = audio.istft(vc, n_fft, a.hop, length)
-        has_vocals = (ref.flatten(1).abs().amax(1) > 1e-6).cpu()
-        for k, v in separation_metrics(est, ref).items():
-            metrics.setdefault(k, []).append(v.cpu()[has_vocals])
+        mix = audio.istft(xc, n_fft, a.hop, length)
+        for k, v in separation_metrics(est, ref, mix, a.sr).items():
+            metrics.setdefault(k, []).append(v.cpu())
     model.train(was)
     out = dict(val_loss=float(torch.cat(losses).mean()), mask_mean=float(torch.cat(masks_mean).mean()),
                mask_saturation=float(torch.cat(sat).mean()))
     for k, v in metrics.items():
-        v = torch.cat(v)
-        out[f"val_{k}"] = float(v.mean()) if len(v) else float("nan")
+        out[f"val_{k}"] = _summary(torch.cat(v), SUMMARY.get(k, "mean"))
     return out
+
+
+def mixture_baseline(run: Run) -> float:
+    """BSS-eval v4 vocals SDR of the mixture itself as the vocals estimate, on the validation items: the number a
+    separator has to beat (frame_transformer.evaluate's "mixture" column)."""
+    a = run.args
+    n_fft = model_config(a).n_fft
+    scores = []
+    for _, _, xc, vc in val_batches(run, 8):
+        length = (xc.shape[-1] - 1) * a.hop
+        mix, ref = audio.istft(xc, n_fft, a.hop, length), audio.istft(vc, n_fft, a.hop, length)
+        refs = torch.stack([ref, mix - ref], 1).double().numpy()
+        ests = torch.stack([mix, mix], 1).double().numpy()  # the mixture as both estimates, as evaluate scores it
+        scores.append(torch.from_numpy(bss_eval_v4_sdr(refs, ests, a.sr)["sdr"][:, 0]))
+    return _summary(torch.cat(scores), SUMMARY["bss_sdr"])
 
 
 def diagnose(history: List[dict], args) -> Optional[str]:
@@ -726,8 +1040,8 @@ def diagnose(history: List[dict], args) -> Optional[str]:
 # ---------------------------------------------------------------------------------------------------------------
 # 9. logging: console + OUT/train.log, OUT/log.csv, TensorBoard, OUT/loss.png
 # ---------------------------------------------------------------------------------------------------------------
-CSV_KEYS = ["epoch", "step", "train_loss", "val_loss", "val_sdr", "mask_mean", "mask_saturation", "lr",
-            "nan_skipped", "elapsed_s"]
+CSV_KEYS = ["epoch", "step", "train_loss", "val_loss", "val_bss_sdr", "val_sdr", "mask_mean", "mask_saturation",
+            "lr", "cropsize", "nan_skipped", "elapsed_s"]
 
 
 class RunLog:
@@ -766,7 +1080,7 @@ class RunLog:
         os.replace(path + ".tmp", path)
         row = history[-1]
         if self.tb is not None:
-            for k in ("train_loss", "val_loss", "val_sdr", "lr", "mask_saturation"):
+            for k in ("train_loss", "val_loss", "val_bss_sdr", "val_sdr", "lr", "mask_saturation"):
                 if row.get(k) not in (None, ""):
                     self.tb.add_scalar(k, row[k], row["step"])
         plot_history(history, os.path.join(self.out, "loss.png"))
@@ -786,8 +1100,10 @@ def plot_history(history: List[dict], path: str) -> None:
         a1.plot([h["step"] for h in rows], [h["train_loss"] for h in rows], "o-", label="train L1")
     a1.plot([h["step"] for h in history], [h["val_loss"] for h in history], "s-", label="val L1")
     a1.set_xlabel("step"), a1.set_ylabel("L1"), a1.legend(), a1.grid(alpha=0.3)
-    a2.plot([h["step"] for h in history], [h.get("val_sdr", float("nan")) for h in history], "s-", color="C2")
-    a2.set_xlabel("step"), a2.set_ylabel("vocals uSDR (dB)"), a2.grid(alpha=0.3)
+    steps = [h["step"] for h in history]
+    a2.plot(steps, [h.get("val_bss_sdr", float("nan")) for h in history], "s-", color="C2", label="SDR (BSS-eval v4)")
+    a2.plot(steps, [h.get("val_sdr", float("nan")) for h in history], "o--", color="C3", label="uSDR")
+    a2.set_xlabel("step"), a2.set_ylabel("validation vocals (dB)"), a2.legend(), a2.grid(alpha=0.3)
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".loss.", suffix=".png")
     os.close(fd)
@@ -807,11 +1123,12 @@ def validate_and_record(run: Run, train_loss, t0: float) -> None:
     if run.main:
         v = validate(run)
         label = f"epoch {run.epoch}: train L1 {train_loss:.5f}  " if run.step else "untrained: "
-        run.log(f"{label}val L1 {v['val_loss']:.5f}  val vocals uSDR {v['val_sdr']:.2f} dB  mask mean "
-                f"{v['mask_mean']:.3f}, {v['mask_saturation']:.0%} saturated  (step {run.step}, "
-                f"{time.time() - t0:.0f} s)")
+        run.log(f"{label}val L1 {v['val_loss']:.5f}  val vocals SDR {v['val_bss_sdr']:.2f} dB (BSS-eval v4), "
+                f"uSDR {v['val_sdr']:.2f} dB  mask mean {v['mask_mean']:.3f}, {v['mask_saturation']:.0%} saturated  "
+                f"(step {run.step}, {time.time() - t0:.0f} s)")
         run.history.append(dict(epoch=run.epoch, step=run.step, train_loss=train_loss if run.step else "",
                                 lr=run.optimizer.param_groups[0]["lr"], nan_skipped=run.nan_total,
+                                cropsize=stage_at(run.args, max(run.step - 1, 0))[1].cropsize,
                                 elapsed_s=round(time.time() - t0, 1), **v))
         run.log.record(run.history)
         diagnosis = diagnose(run.history, run.args)
@@ -836,34 +1153,38 @@ def save_due(run: Run) -> bool:
 
 
 def train_epoch(run: Run, t0: float) -> Optional[float]:
-    """Steps through the rest of the current epoch; returns its mean train loss, or None when the run stopped
-    inside it (signal, --stop-after-steps), with a checkpoint of where it stands."""
+    """Steps through the rest of the current epoch (or to the curriculum's end); returns its mean train loss, or
+    None when the run stopped inside it (signal, --stop-after-steps), with a checkpoint of where it stands."""
     a = run.args
-    per_step = a.batch_size * a.accum
-    it = iter(epoch_loader(run))
     bar = None
     if run.main and not a.no_progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=run.steps_per_epoch, initial=run.epoch_items // per_step, unit="step", leave=False,
-                   desc=f"epoch {run.epoch + 1}/{a.epochs}", dynamic_ncols=True)
-    losses = []
+        done = run.epoch_items // stages(a)[0].items if curriculum_steps(a) is None else 0
+        bar = tqdm(total=done + epoch_steps_left(run), initial=done, unit="step", leave=False, dynamic_ncols=True,
+                   desc=f"epoch {run.epoch + 1}" + (f"/{a.epochs}" if a.epochs else ""))
+    losses, loader_stage, it = [], None, None
     try:
-        while run.epoch_items // per_step < run.steps_per_epoch:
-            loss = train_step(run, [next(it) for _ in range(a.accum)])
-            run.epoch_items += per_step
+        while epoch_steps_left(run) > 0:
+            index, stage = stage_at(a, run.step)
+            if stage != loader_stage:
+                if loader_stage is not None or (index > 0 and stage_at(a, run.step - 1)[0] != index):
+                    run.log(f"curriculum stage {index + 1}/{len(stages(a))} from step {run.step}: {stage}")
+                it, loader_stage = iter(epoch_loader(run, stage)), stage
+            loss = train_step(run, [next(it) for _ in range(stage.accum)])
+            run.epoch_items += stage.items
             if loss is not None:
                 losses.append(loss)
             if bar is not None:
                 bar.set_postfix(loss=f"{loss:.5f}" if loss is not None else "skip",
-                                lr=f"{run.optimizer.param_groups[0]['lr']:.2e}")
+                                lr=f"{run.optimizer.param_groups[0]['lr']:.2e}", crop=stage.cropsize)
                 bar.update(1)
             if a.log_every_steps and run.step % a.log_every_steps == 0:
                 run.log(f"step {run.step}: train L1 {loss if loss is not None else float('nan'):.5f}  "
                         f"lr {run.optimizer.param_groups[0]['lr']:.3g}")
             stop_now = bool(run.stop_signal) or (a.stop_after_steps is not None and run.step >= a.stop_after_steps)
             stop, save = agree(run, stop_now, save_due(run))
-            end_of_epoch = run.epoch_items // per_step >= run.steps_per_epoch
+            end_of_epoch = epoch_steps_left(run) == 0
             if stop and not end_of_epoch:
                 save_checkpoint(run)
                 return None
@@ -884,7 +1205,20 @@ def train_epoch(run: Run, t0: float) -> Optional[float]:
     return train_loss
 
 
-def prepare(run: Run, ck: Optional[dict], notes: List[str]) -> None:
+def describe_plan(run: Run) -> str:
+    a = run.args
+    if curriculum_steps(a) is None:
+        plan = f"{run.total_steps} steps in all ({a.epochs} epochs x {epoch_steps_left(run, 0, 0)}), batch " \
+               f"{a.batch_size} x accum {a.accum} x {run.world} process(es), crop {a.cropsize} frames"
+    else:
+        plan = f"{run.total_steps} steps in all, curriculum " + "; ".join(
+            f"stage {i + 1}: {t.steps} step{'s' if t.steps != 1 else ''}, {t}" for i, t in enumerate(stages(a))) + \
+            f" (x {run.world} process(es)); validation every {a.epoch_size} items"
+    return (f"{plan}; {a.optimizer} lr {a.lr:g} (warmup {a.warmup_steps}, then decay with power {a.power:g} to "
+            f"{a.min_lr_ratio:g} x lr), weight decay {a.weight_decay:g}, gradient clip {a.clip:g}; device {run.device}")
+
+
+def prepare(run: Run, ck: Optional[dict], notes: List[str], init: Optional[dict] = None) -> None:
     """Check the folders, create --out, load the data, build the model and optimizer, restore a resumed run."""
     args = run.args
     resuming_here = ck is not None and os.path.abspath(args.resume) == os.path.abspath(run.checkpoint_path)
@@ -900,7 +1234,7 @@ def prepare(run: Run, ck: Optional[dict], notes: List[str]) -> None:
         for f in remove_stale_temps(args.out):
             run.log(f"removed {f}: the temporary file of a save that was killed")
     load_data(run)
-    build_model(run)
+    build_model(run, init)
     build_optimizer(run)
     if ck is not None:
         restore_checkpoint(run, ck)
@@ -908,9 +1242,11 @@ def prepare(run: Run, ck: Optional[dict], notes: List[str]) -> None:
         source = run.checkpoint_path if resuming_here else f"{args.resume} into {args.out}"
         run.log(f"resumed {source} at step {run.step} (epoch {run.epoch + 1}, item {run.epoch_items} of it)"
                 + (f"; command line overrides: {', '.join(notes)}" if notes else ""))
-    run.log(f"{run.total_steps} steps in all ({args.epochs} epochs x {run.steps_per_epoch}), batch {args.batch_size} "
-            f"x accum {args.accum} x {run.world} process(es), lr {args.lr:g} (warmup {args.warmup_steps}), crop "
-            f"{args.cropsize} frames, device {run.device}")
+    if run.main:
+        run.val_baseline = mixture_baseline(run)
+        run.log(f"validation baseline: the mixture as its own vocals estimate scores {run.val_baseline:.2f} dB SDR "
+                f"(BSS-eval v4)")
+    run.log(describe_plan(run))
 
 
 def finish(run: Run) -> None:
@@ -925,23 +1261,25 @@ def finish(run: Run) -> None:
         barrier(run)
     if run.main and run.history:
         first, last = run.history[0], run.history[-1]
-        run.log(f"done: step {run.step}, val vocals uSDR {first['val_sdr']:.2f} -> {last['val_sdr']:.2f} dB; "
-                f"checkpoint {run.checkpoint_path}")
+        nan = float("nan")
+        run.log(f"done: step {run.step}, val vocals SDR (BSS-eval v4) {first.get('val_bss_sdr', nan):.2f} -> "
+                f"{last.get('val_bss_sdr', nan):.2f} dB (the mixture itself: {run.val_baseline:.2f} dB), uSDR "
+                f"{first['val_sdr']:.2f} -> {last['val_sdr']:.2f} dB; checkpoint {run.checkpoint_path}")
 
 
-def train(args, ck: Optional[dict] = None, notes: List[str] = ()) -> Run:
+def train(args, ck: Optional[dict] = None, notes: List[str] = (), init: Optional[dict] = None) -> Run:
     """Run (or continue) the training that ``args`` describe; returns the finished :class:`Run`."""
     run = setup_processes(args)
     _install_signal_handlers(run)
     try:
-        prepare(run, ck, notes)
+        prepare(run, ck, notes, init)
         run.armed = True
         t0 = time.time()
         run.last_save = time.monotonic()
         if run.step == 0 and not run.history and not args.no_initial_val:
             validate_and_record(run, None, t0)
             barrier(run)
-        while run.epoch < args.epochs:
+        while not finished(run):
             train_loss = train_epoch(run, t0)
             if train_loss is None:  # stopped inside the epoch (and saved)
                 break
@@ -1021,8 +1359,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     """The ``frame-transformer-train`` command: returns the exit status (see the module docstring)."""
     name = prog()
     try:
-        args, ck, notes = resolve_options(argv)
-        train(args, ck, notes)
+        args, ck, notes, init = resolve_options(argv)
+        train(args, ck, notes, init)
         return 0
     except (UsageError, DataError) as e:
         print(f"{name}: error: {e}", file=sys.stderr)

@@ -194,3 +194,91 @@ def test_folder_errors_name_the_folder(lib, tmp_path):
         data.build_dataset(cache, str(tmp_path / "empty"), paths["vocals"])
     with pytest.raises(data.DataError, match="no readable vocal stems in .*empty"):
         data.build_dataset(cache, paths["instrumentals"], str(tmp_path / "empty"))
+
+
+# --- upstream v4 recipe: song normalisation, target clipping, upstream augmentations -----------------------------
+def _spec_file(path, rng, frames, scale=1.0):
+    spec = (rng.standard_normal((2, 5, frames)) + 1j * rng.standard_normal((2, 5, frames))) * scale
+    np.save(path, spec.astype(np.complex64))
+    return str(path), np.load(path)
+
+
+def _locate(crop, spec):
+    """(start, swapped, gain) of ``crop`` as a real multiple of a window of ``spec`` (channels swapped or not; a
+    zeroed channel is left out of the match); None when it is no such window."""
+    c = crop.shape[-1]
+    live = [ch for ch in range(2) if np.abs(crop[ch]).max() > 0]
+    for start in range(spec.shape[-1] - c + 1):
+        for swapped in (False, True):
+            w = spec[::-1] if swapped else spec
+            w = w[live, :, start:start + c]
+            gain = float(np.vdot(w, crop[live]).real / np.vdot(w, w).real)
+            if np.allclose(crop[live], gain * w, rtol=1e-5, atol=1e-6):
+                return start, swapped, gain
+    return None
+
+
+def test_song_normalisation_and_target_clipping_match_a_direct_computation(tmp_path):
+    """normalize="song": the scale is the instrumental song's largest magnitude (taken before mixing, whatever the
+    instrumental gain), X and Y are clipped to [0, 1] and clip_target makes Y = min(Y, X), computed here from the
+    source arrays; the upstream recipe scales vocals by U[0.5, 1.5) half of the time and never the instrumental."""
+    rng = np.random.default_rng(0)
+    inst_f, inst = _spec_file(tmp_path / "inst.npy", rng, 40)
+    voc_f, voc = _spec_file(tmp_path / "voc.npy", rng, 40, scale=0.8)
+    c = np.abs(inst).max()
+    kinds = {"plain": dict(augment=False), "standard": dict(augment=True, **data.AUGMENTATIONS["standard"]),
+             "upstream": dict(augment=True, **data.AUGMENTATIONS["upstream"])}
+    below_one = clipped_x = clipped_y = 0
+    vocal_gains = []
+    for kind, kw in kinds.items():
+        ds = data.VoxAugDataset([inst_f], [voc_f], cropsize=8, epoch_size=40, normalize="song", clip_target=True,
+                                return_complex=True, **kw)
+        for i in range(len(ds)):
+            x, y, mix, v = (t.numpy() for t in ds[i])
+            # the instrumental, scaled back by the song maximum, is a window of the source (never gained: the
+            # standard recipe's instrumental gain scales song and crop alike)
+            found = _locate((mix - v) * c, inst)
+            assert found is not None and abs(found[2] - 1) < 1e-5, (kind, i, found)
+            start, swapped, _ = found
+            inst_crop = (inst[::-1] if swapped else inst)[:, :, start:start + 8]
+            vocal = v * c
+            x_direct = np.clip(np.abs(inst_crop + vocal) / c, 0, 1)
+            y_direct = np.minimum(np.clip(np.abs(inst_crop) / c, 0, 1), x_direct)
+            np.testing.assert_allclose(x, x_direct, rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(y, y_direct, rtol=1e-5, atol=1e-7)
+            below_one += x.max() < 1  # the crop's own max is not the scale
+            clipped_x += bool((np.abs(inst_crop + vocal) / c > 1).any())
+            clipped_y += bool((np.abs(inst_crop) > np.abs(inst_crop + vocal)).any())
+            if kind == "upstream" and np.abs(vocal).max() > 0:
+                vocal_gains.append(_locate(vocal, voc)[2])
+    assert below_one and clipped_x and clipped_y  # each rule mattered somewhere
+    g = np.array(vocal_gains)
+    assert len(g) >= 35 and ((np.abs(g - 1) < 1e-5) | ((g >= 0.5) & (g < 1.5))).all()
+    assert 0.3 < np.mean(np.abs(g - 1) < 1e-5) < 0.7  # half of the vocals keep their level
+    # without clip_target Y is the instrumental's magnitude, clipped to [0, 1] only
+    ds = data.VoxAugDataset([inst_f], [voc_f], cropsize=8, epoch_size=4, normalize="song", augment=False,
+                            return_complex=True)
+    for i in range(4):
+        x, y, mix, v = (t.numpy() for t in ds[i])
+        np.testing.assert_allclose(y, np.clip(np.abs(mix - v), 0, 1), rtol=1e-5, atol=1e-7)
+    # pairs: the scale is the larger of the mixture song's and the instrumental song's maxima
+    mix_f, mix_song = _spec_file(tmp_path / "mix.npy", rng, 40, scale=1.5)
+    ds = data.VoxAugDataset([], [], pairs=[(mix_f, inst_f)], cropsize=8, epoch_size=4, normalize="song",
+                            augment=False, return_complex=True)
+    scale = max(np.abs(mix_song).max(), c)
+    assert np.abs(mix_song).max() > c
+    for i in range(4):
+        x, y, mix, v = (t.numpy() for t in ds[i])
+        start, swapped, gain = _locate(mix * scale, mix_song)
+        assert not swapped and abs(gain - 1) < 1e-5
+        np.testing.assert_allclose(x, np.clip(np.abs(mix_song[:, :, start:start + 8]) / scale, 0, 1), rtol=1e-5)
+
+
+def test_song_max_is_computed_once_and_kept_beside_the_cache_file(tmp_path):
+    rng = np.random.default_rng(1)
+    f, spec = _spec_file(tmp_path / "a-0123.npy", rng, 9000)  # more frames than one chunk
+    assert data.song_max(f) == pytest.approx(float(np.abs(spec).max()), rel=1e-6)
+    side = tmp_path / "a-0123.max"
+    assert float(side.read_text()) == data.song_max(f)
+    side.write_text("2.5")  # read from the side file from now on
+    assert data.song_max(f) == 2.5

@@ -279,13 +279,17 @@ def test_help_documents_every_option(tmp_path):
     for action in ft.build_parser()._actions:
         if action.help == "==SUPPRESS==" or not action.option_strings or action.dest == "help":
             continue
-        flag = action.option_strings[-1]
-        block = re.search(rf"\n  {re.escape(flag)}\b(.*?)(?=\n  -|\n\n|\Z)", options, re.S)
+        flag = action.option_strings[0]
+        block = re.search(rf"\n  {re.escape(flag)}(?=[ ,\n])(.*?)(?=\n  -|\n\n|\Z)", options, re.S)
         assert block, flag
         assert "default" in block.group(1) and len(block.group(1).split()) > 3, (flag, block.group(1))
     flat = " ".join(text.split())
-    for key in ("lr", "epochs", "warmup_steps"):
-        assert "(default per --preset: " + ", ".join(f"{n} {d[key]}" for n, d in ft.PRESET_DEFAULTS.items()) in flat
+    for expect in ("--lr LR peak learning rate (default per --preset: micro, tiny, v4-tiny 0.0005; default, linear, "
+                   "v4, v4-micro 0.0001)",
+                   "(upstream v4) (default per --preset: micro, tiny, default, linear off; v4, v4-tiny, v4-micro on)",
+                   "(default per --preset: micro, tiny, default, linear none; v4 256:400000:3:3,512:500000:1:8; "
+                   "v4-tiny 64:600:3:1,128:200:1:3; v4-micro 16:60:3:1,32:20:1:3)"):
+        assert expect in flat, expect
 
 
 # --- NaN handling (unchanged behaviour) ---------------------------------------------------------------------------
