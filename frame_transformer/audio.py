@@ -298,6 +298,104 @@ def istft(spec: torch.Tensor, n_fft: int = 2048, hop: int = 1024, length: Option
     return wave.reshape(*shape, wave.shape[-1])
 
 
+def reflect_index(positions: np.ndarray, length: int) -> np.ndarray:
+    """Sample indices in ``[0, length)`` for ``positions`` outside it, mirrored as ``np.pad(mode="reflect")`` and
+    ``torch.stft(center=True)`` mirror the signal at its ends (repeatedly, for a signal shorter than the pad)."""
+    if length == 1:
+        return np.zeros_like(positions)
+    m = np.mod(positions, 2 * (length - 1))
+    return np.where(m < length, m, 2 * (length - 1) - m)
+
+
+class SpecStream:
+    """The STFT of an :class:`AudioStream` in bounded memory, frame range by frame range.
+
+    ``window(a, b)`` returns frames ``[a, b)`` as ``(2, n_fft // 2 + 1, b - a)`` complex64, equal (up to float
+    rounding) to the same frames of :func:`stft` of the whole song - ``torch.stft(center=True)``, the song mirrored
+    at both ends (librosa's ``stft`` before 0.10, which upstream used, does the same) - with zero frames outside
+    ``[0, n_frames)``, ``n_frames = length // hop + 1``. ``a`` must not decrease between calls; frames from ``a``
+    on are kept for the next call, so overlapping windows compute each frame once.
+    """
+
+    def __init__(self, stream: "AudioStream", n_fft: int, hop: int):
+        self.stream, self.n_fft, self.hop = stream, n_fft, hop
+        self.n_frames = num_frames(stream.length, hop)
+        self.bins = n_fft // 2 + 1
+        self.cache = torch.zeros(2, self.bins, 0, dtype=torch.complex64)  # frames [c0, c0 + cache width)
+        self.c0 = 0
+
+    def _compute(self, t0: int, t1: int) -> torch.Tensor:
+        """Frames [t0, t1) (0 <= t0 < t1 <= n_frames) from the samples they cover, mirrored at the song's ends."""
+        lo = t0 * self.hop - self.n_fft // 2
+        positions = np.arange(lo, lo + (t1 - t0 - 1) * self.hop + self.n_fft)
+        idx = reflect_index(positions, self.stream.length)
+        first = int(idx.min())
+        wave = self.stream.read(first, int(idx.max()) + 1 - first)[:, idx - first]
+        return torch.stft(torch.from_numpy(wave), self.n_fft, self.hop,
+                          window=_window(self.n_fft, "cpu", torch.float32), center=False, return_complex=True)
+
+    def window(self, a: int, b: int) -> torch.Tensor:
+        if max(a, 0) < self.c0:
+            raise ValueError(f"SpecStream.window: start {a} is before the retained frames ({self.c0})")
+        end = self.c0 + self.cache.shape[-1]
+        lo, hi = max(a, end, 0), min(b, self.n_frames)
+        if hi > lo:  # frames not computed yet (after the cache; a gap, if any, is never read again)
+            self.cache = self.cache[..., :0] if lo > end else self.cache
+            self.c0 = lo if lo > end else self.c0
+            self.cache = torch.cat((self.cache, self._compute(lo, hi)), dim=-1)
+        out = torch.zeros(2, self.bins, b - a, dtype=torch.complex64)
+        lo, hi = max(a, self.c0, 0), min(b, self.c0 + self.cache.shape[-1])
+        if hi > lo:
+            out[..., lo - a:hi - a] = self.cache[..., lo - self.c0:hi - self.c0]
+        drop = min(max(0, a - self.c0), self.cache.shape[-1])  # keep from a on
+        self.cache, self.c0 = self.cache[..., drop:], self.c0 + drop
+        return out
+
+
+class IstftStream:
+    """Inverse STFT of frames pushed in order, in bounded memory.
+
+    ``push(spec)`` takes the next ``(C, n_fft // 2 + 1, n)`` frames (from frame 0 on) and returns the ``(C, m)``
+    float32 samples that are now final; ``flush()`` returns the rest, up to ``length`` samples in all.
+    Concatenated, the outputs equal :func:`istft` (``torch.istft(center=True, length=length)``) of all the frames
+    at once up to float rounding: every sample is computed from all the frames that overlap it (at most
+    ``ceil(n_fft / hop)`` of them are kept between pushes) and divided by the same window envelope.
+    Needs ``hop <= n_fft // 2`` (the Hann window's envelope is zero somewhere otherwise).
+    """
+
+    def __init__(self, n_fft: int, hop: int, length: int):
+        if not 1 <= hop <= n_fft // 2:
+            raise ValueError(f"IstftStream needs 1 <= hop <= n_fft // 2, got hop {hop}, n_fft {n_fft}")
+        self.n_fft, self.hop, self.length = n_fft, hop, length
+        self.buf: Optional[torch.Tensor] = None  # frames [f0, f0 + buf width)
+        self.f0 = 0
+        self.pushed = 0   # frames pushed so far
+        self.done = 0     # samples returned so far
+
+    def _emit(self, s1: int) -> np.ndarray:
+        """Samples [done, s1) from the buffered frames, then drop the frames no later sample needs."""
+        if self.buf is None or s1 <= self.done:
+            return np.zeros((0 if self.buf is None else self.buf.shape[0], 0), np.float32)
+        y = istft(self.buf, self.n_fft, self.hop, length=s1 - self.f0 * self.hop)  # starts at sample f0 * hop
+        out = y[..., self.done - self.f0 * self.hop:].numpy().astype(np.float32, copy=False)
+        self.done = s1
+        # frames that overlap sample s1 or later: t * hop - n_fft // 2 + n_fft > s1
+        keep = max(0, -(-(s1 - self.n_fft + self.n_fft // 2 + 1) // self.hop))
+        if keep > self.f0:
+            self.buf = self.buf[..., keep - self.f0:]
+            self.f0 = keep
+        return out
+
+    def push(self, spec: torch.Tensor) -> np.ndarray:
+        self.buf = spec if self.buf is None else torch.cat((self.buf, spec), dim=-1)
+        self.pushed += spec.shape[-1]
+        # samples before the first not-yet-pushed frame's start are final
+        return self._emit(min(self.length, self.pushed * self.hop - self.n_fft // 2))
+
+    def flush(self) -> np.ndarray:
+        return self._emit(self.length)
+
+
 def num_frames(samples: int, hop: int) -> int:
     return samples // hop + 1
 

@@ -163,7 +163,7 @@ def run(a) -> int:
         _museval_metrics()
     except ImportError as e:
         raise UserError(str(e)) from None
-    model, cfg, opts, device = separate.setup(a)
+    model, cfg, opts, device = separate.setup(a, PROG)
     rows, failed = [], []
     width = max(12, max(len(t["name"]) for t in tracks))
     print(f"{'track':<{width}}  {'vocals':>8}  {'accomp.':>8}   mixture as estimate: {'vocals':>8}  {'accomp.':>8}"

@@ -3,6 +3,7 @@ r"""Separate songs into vocals and instruments with a trained FrameTransformer.
 examples:
   frame-transformer-separate song.flac -c runs/demo/checkpoint.pt
   frame-transformer-separate music/ -o stems/ -c runs/demo/checkpoint.pt --tta --png
+  frame-transformer-separate song.flac -c local.pth    (the seed's published v4 state_dict, as downloaded)
   python -m frame_transformer.separate song.flac -c runs/demo/checkpoint.pt    (the same, not installed)
 
 outputs:
@@ -20,9 +21,17 @@ outputs:
   when interrupted.
 
 method:
-  The song is read as a stream (resampled to the model's rate on the fly) in crops of --cropsize frames with
-  --padding frames of context (and one STFT window of margin) on both sides; the model sees the whole padded
-  crop and only the centre is kept, so memory stays bounded by the crop size whatever the song's length or rate.
+  The song is read as a stream, resampled to the model's rate on the fly; memory stays bounded by the crops
+  whatever the song's length or rate. Two modes (--mode; auto: v4 for v4-architecture checkpoints):
+  v4    upstream's inference_v4.py. A first pass finds the largest STFT magnitude of the whole song; the second
+        divides every crop by it, runs crops of --cropsize frames (default 512) with --padding frames of context
+        each side (default 1024; zeros beyond the song), keeps the centres' masks (sigmoid of the logits, Nyquist
+        bin 0). --tta averages the masks over the context paddings --tta-paddings (0,256,512).
+  crop  as train.py trains: each crop of --cropsize frames (default: the training crop) with --padding frames of
+        context (default cropsize // 2) and one STFT window of margin is divided by its own maximum. --tta
+        averages with the mask of the channel-swapped mix.
+  Upstream state_dicts do not record their sample rate or hop: 44100 Hz and n_fft // 2 are assumed (a note says
+  so), --sr and --hop set them.
 """
 from __future__ import annotations
 
@@ -37,8 +46,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
-from frame_transformer import audio
-from frame_transformer.model import FrameTransformer, ModelConfig
+from frame_transformer import audio, upstream
 
 PROG = "frame-transformer-separate"
 TAG = "frame-transformer-separate"  # WAV software tag that marks our outputs
@@ -59,55 +67,67 @@ class WriteError(UserError):
 
 # ---------------------------------------------------------------------------------------------- checkpoint
 def load_model(path: str, device="cpu", backend: Optional[str] = None):
-    """(model in eval mode on ``device``, config dict with sr, n_fft, hop, cropsize) from a checkpoint.
+    """(model in eval mode on ``device``, info dict with sr, n_fft, hop, cropsize, format, ...) from a checkpoint:
+    a train.py checkpoint (or its run folder), a converted one, or a bare upstream v4 state_dict.
 
-    The one place that reads checkpoints (frame-transformer-train's format); a missing, corrupt or foreign file
-    raises :class:`CheckpointError` with a one-line message.
+    Reads through :func:`frame_transformer.upstream.load_model`, the one loader; a missing, corrupt or foreign
+    file raises :class:`CheckpointError` with a one-line message.
     """
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "checkpoint.pt")):
         path = os.path.join(path, "checkpoint.pt")  # a run folder
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path} (pass --checkpoint the checkpoint.pt that "
-                              "frame-transformer-train wrote to its --out folder)")
+                              "frame-transformer-train wrote to its --out folder, or an upstream v4 .pth)")
     if not os.path.isfile(path):
         raise CheckpointError(f"--checkpoint {path} is a folder without a checkpoint.pt; pass the file")
     try:
-        # train.py's checkpoints hold RNG states (numpy arrays), which weights_only=True refuses
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"cannot load checkpoint {path}: not a PyTorch checkpoint, or truncated "
-                              f"({audio._short(e)[:120]}); copy it again or pass another file") from None
-    if not isinstance(ck, dict) or not isinstance(ck.get("model"), dict) or not isinstance(ck.get("config"), dict):
-        raise CheckpointError(f"{path} is not a frame-transformer checkpoint (no 'model' and 'config' entries); "
-                              "convert an upstream checkpoint with frame-transformer-convert")
-    cfg = ck["config"]
-    missing = [k for k in ("model", "sr", "n_fft", "hop") if k not in cfg]
-    if missing:
-        raise CheckpointError(f"{path}: the checkpoint's config lacks {', '.join(missing)}; it was not written by "
-                              "frame-transformer-train (convert it with frame-transformer-convert)")
-    try:
-        model = FrameTransformer(ModelConfig(**cfg["model"]), backend=backend)
-        model.load_state_dict(ck["model"])
-    except (TypeError, ValueError, KeyError, RuntimeError) as e:
-        raise CheckpointError(f"{path} does not match this version's model ({audio._short(e)[:160]}); "
-                              "retrain or convert it") from None
-    return model.to(device).eval(), cfg
+        return upstream.load_model(path, device, backend)
+    except upstream.CheckpointError as e:
+        msg = " ".join(str(e).split())
+        if "not a PyTorch checkpoint" in msg:
+            msg += "; copy it again or pass another file"
+        raise CheckpointError(f"cannot load checkpoint{'' if path in msg else ' ' + path}: {msg}") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
 
 
 # ---------------------------------------------------------------------------------------------- separation core
+# upstream inference_v4.py's defaults for v4 mode: crops of 512 frames with 1024 frames of context each side;
+# its separate_tta averages the masks over these context paddings
+V4_CROPSIZE, V4_PADDING, V4_TTA_PADDINGS = 512, 1024, (0, 256, 512)
+MODES = ("v4", "crop")
+
+
 @dataclasses.dataclass
 class CropOptions:
-    """How a song is cut into model inputs: ``cropsize`` frames kept per crop, ``padding`` frames of context each
-    side (default cropsize // 2), ``batch_size`` crops per forward pass, ``tta`` channel-swap averaging."""
+    """How a song is cut into model inputs.
+
+    ``mode="crop"``: ``cropsize`` frames kept per crop, ``padding`` frames of context each side (default
+    cropsize // 2), each crop normalised by its own maximum; ``tta`` averages with the channel-swapped input.
+    ``mode="v4"`` (upstream's inference_v4.py): the whole song normalised by one maximum, ``padding`` frames of
+    context (default cropsize // 2; the CLI's default is upstream's 1024); ``tta`` averages the masks over the
+    context paddings ``tta_paddings`` instead. ``batch_size`` crops per forward pass."""
     cropsize: int = 256
     padding: Optional[int] = None
     batch_size: int = 4
     tta: bool = False
+    mode: str = "crop"
+    tta_paddings: Tuple[int, ...] = V4_TTA_PADDINGS
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+
+    def context(self) -> int:
+        return self.cropsize // 2 if self.padding is None else self.padding
 
     def geometry(self, n_fft: int, hop: int) -> Tuple[int, int]:
-        """(samples kept per crop, context samples each side = padding frames + one window of margin)."""
-        padding = self.cropsize // 2 if self.padding is None else self.padding
-        return self.cropsize * hop, (padding + math.ceil(n_fft / hop)) * hop
+        """Crop mode: (samples kept per crop, context samples each side = padding frames + one window of margin)."""
+        return self.cropsize * hop, (self.context() + math.ceil(n_fft / hop)) * hop
+
+    def v4_paddings(self) -> Tuple[int, ...]:
+        """v4 mode: the context paddings whose masks are averaged (one unless ``tta``)."""
+        return tuple(self.tta_paddings) if self.tta else (self.context(),)
 
 
 @torch.no_grad()
@@ -155,7 +175,68 @@ def iter_vocals(model, stream: audio.AudioStream, n_fft: int, hop: int, opts: Cr
             on_batch(len(idx))
 
 
+def song_scale(path: str, sr: int, n_fft: int, hop: int, block: int = 2048) -> float:
+    """v4 mode's first pass: the largest STFT magnitude of the whole song (every bin, both channels, every frame),
+    streamed ``block`` frames at a time. 1.0 for a silent song (upstream would divide by zero)."""
+    peak = 0.0
+    with audio.AudioStream(path, sr) as stream:
+        spec = audio.SpecStream(stream, n_fft, hop)
+        for t0 in range(0, spec.n_frames, block):
+            peak = max(peak, float(spec.window(t0, t0 + block).abs().max()))
+    return peak if peak > 0 else 1.0
+
+
+@torch.no_grad()
+def v4_mask(model, mag: torch.Tensor, cropsize: int, paddings, device="cpu") -> torch.Tensor:
+    """mag (B, 2, bins, cropsize + 2 P) normalised magnitudes of B crops with P = max(paddings) context frames each
+    side -> (B, 2, bins, cropsize): the centre's mask, the mean over ``paddings`` of the mask the model gives for
+    the crop with p frames of context each side (upstream's _separate; its separate_tta over several p)."""
+    P = max(paddings)
+    total = None
+    for p in paddings:
+        m = model(mag[..., P - p:P + cropsize + p].to(device))[..., p:p + cropsize].float().cpu()
+        total = m if total is None else total + m
+    return total / len(paddings)
+
+
+def iter_vocals_v4(model, stream: audio.AudioStream, n_fft: int, hop: int, opts: CropOptions, scale: float,
+                   device="cpu", on_crops: Optional[Callable] = None, on_batch: Optional[Callable[[int], None]] = None
+                   ) -> Iterator[np.ndarray]:
+    """v4 mode: yield the vocals at the stream's rate as (2, n) float32 blocks in order, ``stream.length`` in all.
+
+    Upstream's inference_v4.py in bounded memory: X = STFT of the song (:class:`audio.SpecStream`), |X| / ``scale``
+    (:func:`song_scale`), crops of ``cropsize`` frames, each seen with its context frames (zeros beyond the song),
+    mask = sigmoid(logits) of the centre (Nyquist bin 0), vocals = iSTFT((1 - mask) * X)
+    (:class:`audio.IstftStream`). Only ``batch_size`` crops and their context are held at a time."""
+    spec = audio.SpecStream(stream, n_fft, hop)
+    inverse = audio.IstftStream(n_fft, hop, stream.length)
+    c, paddings = opts.cropsize, opts.v4_paddings()
+    P = max(paddings)
+    n_crops = math.ceil(spec.n_frames / c)
+    for b0 in range(0, n_crops, opts.batch_size):
+        b1 = min(n_crops, b0 + opts.batch_size)
+        X = spec.window(b0 * c - P, b1 * c + P)  # (2, bins, (b1 - b0) c + 2 P), zeros outside the song
+        mag = X.abs() / scale
+        crops = torch.stack([mag[..., j * c:j * c + c + 2 * P] for j in range(b1 - b0)])
+        mask = v4_mask(model, crops, c, paddings, device)  # (B, 2, bins, c)
+        centre = X[..., P:P + (b1 - b0) * c]
+        if on_crops is not None:
+            on_crops(centre.abs().unflatten(-1, (b1 - b0, c)).permute(2, 0, 1, 3), mask, 0)
+        keep = min(b1 * c, spec.n_frames) - b0 * c
+        vocals = (1 - mask.permute(1, 2, 0, 3).flatten(2)[..., :keep]) * centre[..., :keep]
+        block = inverse.push(vocals)
+        if block.shape[1]:
+            yield block
+        if on_batch is not None:
+            on_batch(b1 - b0)
+    block = inverse.flush()
+    if block.shape[1]:
+        yield block
+
+
 def num_crops(stream_length: int, hop: int, opts: CropOptions) -> int:
+    if opts.mode == "v4":
+        return math.ceil(audio.num_frames(stream_length, hop) / opts.cropsize)
     return max(1, math.ceil(stream_length / (opts.cropsize * hop)))
 
 
@@ -166,9 +247,12 @@ def iter_stems(model, path: str, cfg: dict, opts: CropOptions, device="cpu", rat
 
     ``rate="input"``: stems at the file's rate (the vocals resampled back from the model's rate while streaming);
     ``"model"``: at the checkpoint's rate. The instruments are mixture - vocals at that rate, so the stems sum to
-    the mixture. Raises :class:`audio.AudioError` for files that cannot be read.
+    the mixture (at the model's rate that is iSTFT(mask * X), upstream's instruments, up to float rounding).
+    ``opts.mode == "v4"`` reads the file twice (:func:`song_scale`, then :func:`iter_vocals_v4`). Raises
+    :class:`audio.AudioError` for files that cannot be read.
     """
     sr = int(cfg["sr"])
+    scale = song_scale(path, sr, cfg["n_fft"], cfg["hop"]) if opts.mode == "v4" else None
     with audio.AudioStream(path, sr) as model_in:
         out_sr = model_in.file_sr if rate == "input" else sr
         with audio.AudioStream(path, out_sr) as mixture:
@@ -188,9 +272,14 @@ def iter_stems(model, path: str, cfg: dict, opts: CropOptions, device="cpu", rat
                     yield v, mixture.read(pos, v.shape[1]) - v, out_sr
                     pos += v.shape[1]
 
+            tick = bar.update if bar is not None else None
+            if opts.mode == "v4":
+                vocals = iter_vocals_v4(model, model_in, cfg["n_fft"], cfg["hop"], opts, scale, device, on_crops,
+                                        tick)
+            else:
+                vocals = iter_vocals(model, model_in, cfg["n_fft"], cfg["hop"], opts, device, on_crops, tick)
             try:
-                for v in iter_vocals(model, model_in, cfg["n_fft"], cfg["hop"], opts, device, on_crops,
-                                     bar.update if bar is not None else None):
+                for v in vocals:
                     yield from emit(back.push(v) if back is not None else v)
                 if back is not None:
                     yield from emit(back.flush())
@@ -439,16 +528,48 @@ def non_negative_int(s: str) -> int:
     return v
 
 
+def paddings_list(s: str) -> Tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in s.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated frame counts >= 0 such as 0,256,512, got {s!r}")
+    return values
+
+
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    """Options shared with frame-transformer-evaluate: checkpoint, crops, device."""
+    """Options shared with frame-transformer-evaluate: checkpoint, inference mode, crops, STFT, device."""
     p.add_argument("-c", "--checkpoint", required=True,
-                   help="checkpoint.pt written by frame-transformer-train (or its run folder)")
+                   help="checkpoint.pt written by frame-transformer-train (or its run folder), a converted "
+                        "checkpoint, or an upstream frame_transformer_v4 state_dict (.pth) such as the seed's")
+    p.add_argument("--mode", default="auto", choices=["auto", *MODES],
+                   help="v4: upstream inference_v4.py's (the whole song normalised by one maximum, found in a first "
+                        "pass); crop: each crop normalised by its own maximum, as train.py trains; auto: v4 for "
+                        "v4-architecture checkpoints, crop otherwise")
     p.add_argument("--cropsize", type=positive_int, default=None,
-                   help="frames kept per crop (default: the checkpoint's training crop)")
+                   help=f"frames kept per crop (default: {V4_CROPSIZE} in v4 mode, the checkpoint's training crop "
+                        "in crop mode)")
     p.add_argument("--padding", type=non_negative_int, default=None,
-                   help="context frames on each side of a crop (default: cropsize // 2)")
-    p.add_argument("--batch-size", type=positive_int, default=4, help="crops per forward pass")
-    p.add_argument("--tta", action="store_true", help="also predict the channel-swapped mix and average the masks")
+                   help=f"context frames on each side of a crop (default: {V4_PADDING} in v4 mode, cropsize // 2 "
+                        "in crop mode)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="crops per forward pass (default: 1 in v4 mode, whose crops are cropsize + 2 * padding "
+                        "frames long; 4 in crop mode)")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: in v4 mode upstream's (average the masks over the context "
+                        "paddings --tta-paddings); in crop mode also predict the channel-swapped mix and average")
+    p.add_argument("--tta-paddings", type=paddings_list, default=None,
+                   help="v4-mode --tta: the context paddings (frames) whose masks are averaged (default: "
+                        f"{','.join(map(str, V4_TTA_PADDINGS))}, upstream's)")
+    p.add_argument("--sr", type=positive_int, default=None,
+                   help="sample rate the model was trained at: for upstream state_dicts, which do not record it "
+                        f"(default: the checkpoint's; upstream: assumed {upstream.UPSTREAM_DEFAULTS['sr']})")
+    p.add_argument("--hop", type=positive_int, default=None,
+                   help="STFT hop the model was trained with, for upstream state_dicts (default: the checkpoint's; "
+                        "upstream: assumed n_fft // 2, train4.py's 1024 at n_fft 2048)")
+    p.add_argument("--n-fft", type=positive_int, default=None,
+                   help="STFT size: a check only, the model's tensor shapes fix it (default: the checkpoint's)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"],
                    help="ops implementation: Triton kernels (CUDA), the PyTorch reference, or auto by device")
@@ -471,8 +592,56 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def setup(a) -> Tuple[torch.nn.Module, dict, CropOptions, torch.device]:
-    """Device, threads, model and crop options from parsed arguments (shared with evaluate)."""
+def stft_settings(cfg: dict, a, prog: str = PROG) -> dict:
+    """The checkpoint's sr / hop / n_fft with --sr / --hop / --n-fft applied: they replace what the checkpoint
+    only assumes (``cfg["assumed"]``, upstream state_dicts); a recorded value must not be contradicted. Prints a
+    note naming the assumptions left."""
+    cfg = dict(cfg)
+    assumed = set(cfg.get("assumed") or ())
+    for name in ("sr", "hop"):
+        value = getattr(a, name, None)
+        if value is None:
+            continue
+        if value != cfg[name] and name not in assumed:
+            raise UserError(f"--{name} {value} contradicts the checkpoint, which was trained with {name} "
+                            f"{cfg[name]}; --{name} only sets what an upstream state_dict does not record")
+        cfg[name] = value
+        assumed.discard(name)
+    n_fft = getattr(a, "n_fft", None)
+    if n_fft is not None and n_fft != cfg["n_fft"]:
+        raise UserError(f"--n-fft {n_fft} does not fit the checkpoint: its model takes n_fft {cfg['n_fft']} "
+                        f"({cfg['n_fft'] // 2 + 1} bins, fixed by its tensor shapes); drop --n-fft")
+    if not 1 <= cfg["hop"] <= cfg["n_fft"] // 2:
+        raise UserError(f"hop {cfg['hop']} does not fit n_fft {cfg['n_fft']}: the inverse STFT needs a hop of at "
+                        f"most n_fft // 2 = {cfg['n_fft'] // 2}; pass --hop")
+    cfg["assumed"] = sorted(assumed)
+    left = [n for n in ("sr", "hop") if n in assumed]
+    if left:
+        what = " and ".join(f"{n} {cfg[n]}" for n in left)
+        print(f"{prog}: note: {os.path.basename(a.checkpoint)} does not record its {' or '.join(left)}: assuming "
+              f"{what} (upstream's settings); pass {' and '.join('--' + n for n in left)} if it was trained "
+              "otherwise", file=sys.stderr)
+    return cfg
+
+
+def crop_options(a, cfg: dict, architecture: str) -> CropOptions:
+    """Mode and crop options from parsed arguments: v4 mode for v4 checkpoints unless --mode says otherwise."""
+    mode = a.mode if a.mode != "auto" else ("v4" if architecture == "v4" else "crop")
+    if a.tta_paddings is not None and not (mode == "v4" and a.tta):
+        raise UserError("--tta-paddings sets v4 mode's --tta; add --tta" + (" and --mode v4" if mode != "v4" else ""))
+    if mode == "v4" and a.tta and a.padding is not None:
+        raise UserError("--padding is not used by --tta in v4 mode, which averages the masks over --tta-paddings "
+                        f"(default {','.join(map(str, V4_TTA_PADDINGS))}); drop --padding or set --tta-paddings")
+    if mode == "v4":
+        return CropOptions(cropsize=a.cropsize or V4_CROPSIZE, padding=V4_PADDING if a.padding is None else a.padding,
+                           batch_size=a.batch_size or 1, tta=a.tta, mode="v4",
+                           tta_paddings=a.tta_paddings or V4_TTA_PADDINGS)
+    return CropOptions(cropsize=a.cropsize or int(cfg.get("cropsize") or 256), padding=a.padding,
+                       batch_size=a.batch_size or 4, tta=a.tta, mode="crop")
+
+
+def setup(a, prog: str = PROG) -> Tuple[torch.nn.Module, dict, CropOptions, torch.device]:
+    """Device, threads, model, STFT settings and crop options from parsed arguments (shared with evaluate)."""
     try:
         device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
@@ -484,9 +653,8 @@ def setup(a) -> Tuple[torch.nn.Module, dict, CropOptions, torch.device]:
     if a.threads or device.type == "cpu":
         torch.set_num_threads(a.threads or 1)
     model, cfg = load_model(a.checkpoint, device, a.backend)
-    opts = CropOptions(cropsize=a.cropsize or int(cfg.get("cropsize") or 256), padding=a.padding,
-                       batch_size=a.batch_size, tta=a.tta)
-    return model, cfg, opts, device
+    cfg = stft_settings(cfg, a, prog)
+    return model, cfg, crop_options(a, cfg, model.config.architecture), device
 
 
 def run(a) -> int:

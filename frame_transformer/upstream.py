@@ -25,8 +25,9 @@ API::
 
 For an upstream state_dict the configuration comes from the tensor shapes (channels, n_fft, attention maps,
 channel multipliers, expansion, num_heads from the rotary tables' lengths); what the shapes cannot tell is
-assumed from upstream's defaults and listed in ``info["assumed"]``: sr 44100, hop 1024 (train4.py and
-inference_v4.py), cropsize 512 and padding 1024 (inference_v4.py), dropout 0.1 (train4.py).
+assumed from upstream's defaults and listed in ``info["assumed"]``: sr 44100 and hop n_fft // 2 (train4.py's and
+inference_v4.py's 1024 at their n_fft 2048; a hop above n_fft // 2 could not be inverted), cropsize 512 and
+padding 1024 (inference_v4.py), dropout 0.1 (train4.py).
 ``python -m frame_transformer.convert`` writes such a state_dict in this project's checkpoint format.
 """
 from __future__ import annotations
@@ -44,7 +45,9 @@ from frame_transformer.model import FrameTransformer, ModelConfig
 
 UPSTREAM = "kingoomieiii/frame-transformer frame_transformer_v4.py @ c54fb14"
 # what an upstream state_dict cannot tell: upstream's defaults (train4.py @ 7bdd31d, inference_v4.py @ c54fb14)
+# hop: 1024 at upstream's n_fft 2048; for a state_dict of another n_fft the assumption is the same ratio, n_fft // 2
 UPSTREAM_DEFAULTS = dict(sr=44100, hop=1024, cropsize=512, padding=1024, dropout=0.1)
+UPSTREAM_N_FFT = 2048
 
 
 class CheckpointError(ValueError):
@@ -300,10 +303,10 @@ def read_checkpoint(source: Union[str, os.PathLike, Mapping]) -> Tuple[Dict[str,
         raise CheckpointError(f"{name} is not a model checkpoint: it holds a {kind}, not a train.py checkpoint "
                               "(dict with 'model' and 'config') or an upstream v4 state_dict")
     config, sd = from_upstream(obj)
-    info = dict(model=config.to_dict(), n_fft=config.n_fft, sr=UPSTREAM_DEFAULTS["sr"],
-                hop=UPSTREAM_DEFAULTS["hop"], cropsize=UPSTREAM_DEFAULTS["cropsize"],
-                padding=UPSTREAM_DEFAULTS["padding"], format="upstream-v4", upstream=UPSTREAM,
-                assumed=sorted(UPSTREAM_DEFAULTS))
+    hop = config.n_fft * UPSTREAM_DEFAULTS["hop"] // UPSTREAM_N_FFT
+    info = dict(model=config.to_dict(), n_fft=config.n_fft, sr=UPSTREAM_DEFAULTS["sr"], hop=hop,
+                cropsize=UPSTREAM_DEFAULTS["cropsize"], padding=UPSTREAM_DEFAULTS["padding"], format="upstream-v4",
+                upstream=UPSTREAM, assumed=sorted(UPSTREAM_DEFAULTS))
     return sd, info
 
 

@@ -61,7 +61,7 @@ def test_user_mistakes_get_one_line_and_exit_1(ckpt, tmp_path):
     (tmp_path / "file").write_text("x")
     cases = [
         (["a.wav", "-c", "missing.pt"], "checkpoint not found: missing.pt"),
-        (["a.wav", "-c", "bad.pt"], "cannot load checkpoint bad.pt"),
+        (["a.wav", "-c", "bad.pt"], "cannot load checkpoint: bad.pt is not a PyTorch checkpoint"),
         (["notes.txt", "-c", ckpt], "cannot read"),
         (["nothing_here", "-c", ckpt], "no such file or folder: nothing_here"),
         (["a.wav", "-c", ckpt, "-o", "file"], "output folder file is a file"),

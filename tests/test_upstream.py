@@ -13,7 +13,7 @@ import torch
 from frame_transformer import convert
 from frame_transformer.model import FrameTransformer, ModelConfig, preset
 from frame_transformer.upstream import (CheckpointError, UPSTREAM_DEFAULTS, from_upstream, infer_config, load_model,
-                                        to_upstream)
+                                        read_checkpoint, to_upstream)
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 UPSTREAM_PTH = os.path.join(DATA, "upstream_v4_micro.pth")
@@ -110,6 +110,8 @@ def test_readme_configuration_is_inferred():
     with torch.device("meta"):
         config, sd = from_upstream(meta)
     assert len(sd) == 351 and sum(v.numel() for k, v in sd.items() if not k.endswith("freqs")) == 192_699_428
+    _, info = read_checkpoint(meta)  # what the shapes cannot tell: train4.py's STFT and inference_v4.py's crops
+    assert (info["sr"], info["n_fft"], info["hop"], info["cropsize"], info["padding"]) == (44100, 2048, 1024, 512, 1024)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,7 +221,8 @@ def test_convert_round_trip(tmp_path, golden):
     ck = torch.load(out, weights_only=True)
     assert set(ck) == {"model", "config"}
     cfg = ck["config"]
-    assert (cfg["sr"], cfg["hop"], cfg["n_fft"], cfg["cropsize"], cfg["padding"]) == (44100, 1024, 128, 512, 1024)
+    # hop: upstream's ratio n_fft // 2 (1024 at its n_fft 2048)
+    assert (cfg["sr"], cfg["hop"], cfg["n_fft"], cfg["cropsize"], cfg["padding"]) == (44100, 64, 128, 512, 1024)
     assert cfg["converted_from"] == "upstream_v4_micro.pth" and "sr" in cfg["assumed"]
     a, info = load_model(out)
     b, _ = load_model(UPSTREAM_PTH)
