@@ -117,6 +117,12 @@ class CropOptions:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.cropsize < 1 or self.batch_size < 1 or (self.padding is not None and self.padding < 0):
+            raise ValueError(f"need cropsize >= 1, batch_size >= 1, padding >= 0; got {self.cropsize}, "
+                             f"{self.batch_size}, {self.padding}")
+        self.tta_paddings = tuple(int(p) for p in self.tta_paddings)
+        if not self.tta_paddings or min(self.tta_paddings) < 0:
+            raise ValueError(f"tta_paddings must be frame counts >= 0, got {self.tta_paddings}")
 
     def context(self) -> int:
         return self.cropsize // 2 if self.padding is None else self.padding
@@ -613,7 +619,8 @@ def stft_settings(cfg: dict, a, prog: str = PROG) -> dict:
                         f"({cfg['n_fft'] // 2 + 1} bins, fixed by its tensor shapes); drop --n-fft")
     if not 1 <= cfg["hop"] <= cfg["n_fft"] // 2:
         raise UserError(f"hop {cfg['hop']} does not fit n_fft {cfg['n_fft']}: the inverse STFT needs a hop of at "
-                        f"most n_fft // 2 = {cfg['n_fft'] // 2}; pass --hop")
+                        f"most n_fft // 2 = {cfg['n_fft'] // 2}"
+                        + ("; pass another --hop" if "hop" in (cfg.get("assumed") or ()) else ""))
     cfg["assumed"] = sorted(assumed)
     left = [n for n in ("sr", "hop") if n in assumed]
     if left:

@@ -291,4 +291,4 @@ def test_checkpoint_errors_name_the_problem(tmp_path):
     write_song(str(tmp_path / "a.wav"), seconds=0.2)
     torch.save({"conv.weight": torch.zeros(2, 2)}, str(tmp_path / "foreign.pth"))
     assert_one_line_error(cli("separate", "a.wav", "-c", "foreign.pth", cwd=tmp_path),
-                          "cannot load checkpoint: not an upstream v4 state_dict", "1 of its 1 keys are not v4's")
+                          "cannot load checkpoint foreign.pth: not an upstream v4 state_dict", "1 of its 1 keys are not v4's")
