@@ -1,6 +1,6 @@
 """Convert an upstream v4 checkpoint (a bare state_dict saved by train4.py) to this project's checkpoint format.
 
-    python -m frame_transformer.convert UPSTREAM.pth OUT.pt [--sr 44100] [--hop 1024] [--force]
+    python -m frame_transformer.convert UPSTREAM.pth OUT.pt [--sr 44100] [--hop N_FFT//2] [--force]
 
 OUT.pt holds what train.py's checkpoint holds where it applies: ``model`` (the state_dict under this project's
 keys) and ``config`` (``model``: the v4 model config inferred from the tensor shapes; ``sr``, ``n_fft``, ``hop``,
@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     p.add_argument("upstream", help="upstream frame_transformer_v4 state_dict (.pth)")
     p.add_argument("out", help="checkpoint to write (.pt)")
     p.add_argument("--sr", type=_positive, default=None, help="sample rate it was trained at (default 44100)")
-    p.add_argument("--hop", type=_positive, default=None, help="STFT hop it was trained with (default 1024)")
+    p.add_argument("--hop", type=_positive, default=None,
+                   help="STFT hop it was trained with (default n_fft // 2: 1024 for the seed's n_fft 2048)")
     p.add_argument("--force", action="store_true", help="overwrite OUT")
     a = p.parse_args(argv)
     try:
