@@ -291,7 +291,8 @@ class _RealImplMode(TorchDispatchMode):
 
 @contextlib.contextmanager
 def _meta_autocast(dtype: Optional[torch.dtype]):
-    """torch.autocast for the meta device, as the ops see it: is_autocast_enabled('meta') / get_autocast_dtype."""
+    """torch.autocast for the meta device, as the ops see it (is_autocast_available / is_autocast_enabled('meta') /
+    get_autocast_dtype) and as CUDA autocast runs the model's convolutions (in the autocast dtype)."""
     enabled, get_dtype = torch.is_autocast_enabled, torch.get_autocast_dtype
 
     def is_enabled(device_type=None):
@@ -304,11 +305,26 @@ def _meta_autocast(dtype: Optional[torch.dtype]):
             return dtype if dtype is not None else torch.float32
         return get_dtype(device_type)
 
+    available = torch.amp.is_autocast_available
+    conv2d = torch.nn.functional.conv2d
+
+    def is_available(device_type):
+        return True if device_type == "meta" else available(device_type)
+
+    def autocast_conv2d(input, weight, bias=None, *args, **kwargs):
+        # CUDA autocast runs convolutions in the autocast dtype (torch.nn.Conv2d looks F.conv2d up per call)
+        if dtype is not None and input.device.type == "meta":
+            input, weight = input.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        return conv2d(input, weight, bias, *args, **kwargs)
+
     torch.is_autocast_enabled, torch.get_autocast_dtype = is_enabled, autocast_dtype
+    torch.amp.is_autocast_available, torch.nn.functional.conv2d = is_available, autocast_conv2d
     try:
         yield
     finally:
         torch.is_autocast_enabled, torch.get_autocast_dtype = enabled, get_dtype
+        torch.amp.is_autocast_available, torch.nn.functional.conv2d = available, conv2d
 
 
 @contextlib.contextmanager
