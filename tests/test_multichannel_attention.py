@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ftkernels import reference
-from helpers import LOW_PRECISION, TEST_SEED, assert_low_precision_ok, gpu_or_cpu
+from helpers import LOW_PRECISION, TEST_SEED, assert_low_precision_ok, gpu_or_cpu, sdpa_low_precision
 from ftkernels.multichannel_attention import MultichannelMultiheadAttention, _mca_op, multichannel_attention
 from helpers import op_module
 
@@ -229,33 +229,29 @@ def test_bad_inputs():
         MultichannelMultiheadAttention(2, 3, 16)
 
 
-def _sdpa_low_precision(q, k, v, H, scale):
-    """PyTorch's own attention op in the inputs' precision (rotary applied in that precision too)."""
-    qh, kh, vh = (reference._split_heads(t, H) for t in (q, k, v))
-    o = torch.nn.functional.scaled_dot_product_attention(reference.apply_rotary(qh), reference.apply_rotary(kh), vh,
-                                                         scale=scale)
-    return o.transpose(-1, -2).reshape(q.shape)
-
-
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-@pytest.mark.parametrize("d", [4, 64, 128])
-def test_low_precision_tolerance_rule(dtype, d):
+@pytest.mark.parametrize("d,stored", [(4, False), (64, False), (128, False), (64, True), (9, True)])
+def test_low_precision_tolerance_rule(dtype, d, stored):
     """FlashAttention's rule for the output and dq, dk, dv (fp16 in the interpreter, fp16/bf16 on CUDA):
-    kernel error vs float64 <= 2x the error of PyTorch's SDPA in the same precision + a floor."""
+    kernel error vs float64 <= 2x the error of PyTorch's SDPA in the same precision + a floor. ``stored``:
+    rotary from a stored table (the v4 model's; odd head dim 9: the last feature is not rotated), which
+    both the kernel and the PyTorch side rotate in fp32."""
     B, C, wq, wk = gpu_or_cpu((2, 4, 513, 257), (1, 1, 37, 21))
     q, k, v = _qkv(B, C, 2 * d, wq, wk, dtype=dtype)
     scale = 1 / math.sqrt(2 * d)
+    freqs = _freqs(d) if stored else None
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     low_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    out = multichannel_attention(*leaves, 2, scale=scale, backend="triton")
-    low = _sdpa_low_precision(*low_leaves, 2, scale)
-    ref = reference.multichannel_attention(*leaves64, 2, scale=scale)
-    assert_low_precision_ok(out, low, ref, f"out {dtype} d={d}")
+    out = multichannel_attention(*leaves, 2, scale=scale, backend="triton", rotary_freqs=freqs)
+    low = sdpa_low_precision(*low_leaves, 2, scale=scale, rotary_freqs=freqs)
+    ref = reference.multichannel_attention(*leaves64, 2, scale=scale, rotary_freqs=freqs)
+    what = f"{dtype} d={d}" + (" stored table" if stored else "")
+    assert_low_precision_ok(out, low, ref, f"out {what}")
     g = torch.randn_like(ref)
     for n, a, b, c in zip("qkv", torch.autograd.grad(out, leaves, g.to(dtype)),
                           torch.autograd.grad(low, low_leaves, g.to(dtype)), torch.autograd.grad(ref, leaves64, g)):
-        assert_low_precision_ok(a, b, c, f"d{n} {dtype} d={d}")
+        assert_low_precision_ok(a, b, c, f"d{n} {what}")
 
 
 # ----------------------------------------------------------------------------------------------
