@@ -4,7 +4,8 @@
 
 For every (batch, channel, head h): softmax(rot(Q) rot(K)^T * scale) V over frames, where head h takes
 features [h*d, (h+1)*d), d = F / num_heads, and rot is the interleaved-pairs rotary embedding (pairs
-(2i, 2i+1) rotated by pos * 10000^(-2i/d), pos = the frame index; q and k each over their own frames).
+(2i, 2i+1) rotated by pos * 10000^(-2i/d), or by pos * rotary_freqs[i] from a stored table such as the
+v4 checkpoint's; pos = the frame index, q and k each over their own frames).
 Memory attention is the same op with k, v from another tensor (Wk != Wq allowed).
 
 Kernels
@@ -14,35 +15,41 @@ matrix is the (d, W) feature-major slab of features [h*d, (h+1)*d), so a tile of
 ``base + feature * stride_F + frame * stride_W`` (coalesced along frames, no transposes or copies) and
 the output / gradients are written straight into (B, C, F, W) tensors. Grid (frame blocks, C * H, B).
 
-Head dims 1..128 are padded to ``BLOCK_D = max(16, next_pow2(d))`` (the tl.dot minimum is 16) with
-masked loads (zeros in the pad columns contribute nothing to the dot products, pad columns are not stored).
-Blocks (BM query frames x BN key frames), 4 warps, 2 stages: 64 x 64 for BLOCK_D <= 64; for BLOCK_D = 128
-64 x 32 (forward, dq) and 32 x 64 (dk/dv), and in fp32 32 x 32 (dq) and 16 x 64 (dk/dv), so the tiles fit
-sm_80's shared memory (``_blocks``; the compile gate checks every one). Padded frames are
-masked (keys to -inf scores, padded query rows to zero probability in backward).
-
-Rotary is fused into the tile loads: each q/k tile is loaded twice, as-is and with the pair-partner
-permutation (column i ^ 1), and rotated as rot[i] = x[i] cos(a) + sign(i) x[i ^ 1] sin(a), sign(even) = -1,
-with cos/sin read from (frames, d / 2) tables computed once per shape from float64 angles (cached; a few
-KiB that stay in L2). Table loads replace per-tile ``tl.cos``/``tl.sin``: the K tiles are re-rotated for
-every query block, and full-range trig on the CUDA cores would compete with the tensor-core dots.
-Rotated tiles are cast back to the input dtype before tl.dot (as the reference rotates in that dtype).
+Rotary on de-interleaved parts: a q/k tile is loaded once, as its even and its odd features (two
+(frames, BLOCK_H) parts, BLOCK_H = max(16, next_pow2(ceil(d / 2)))), rotated elementwise in fp32
+((x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)) and cast back to the input dtype (as the reference
+rotates), and the scores are two split-K dots, Q0 K0^T + Q1 K1^T. Gradients w.r.t. the rotated q/k
+are accumulated as even/odd parts and rotated back with the transpose when stored. cos/sin come from
+(frames, pairs) fp32 tables: the default angles from float64 (cached per shape), a stored table's angles
+rounded in its dtype as upstream's rotary computes them (cached per frequency tensor while it lives
+unmodified); pairs beyond the table (an odd head dim's last feature) are not rotated. Table loads
+replace per-tile trig, which would compete with the tensor-core dots. v and dO tiles are padded to
+BLOCK_D = max(16, next_pow2(d)) with masked loads; padded key frames score -inf, padded query rows get
+zero probability in backward.
 
 ``_mca_fwd_kernel``   FlashAttention-2 forward: one program per query block loops over all key blocks
                       with the online softmax in fp32 (scores in base 2: scale * log2(e) folded into the
                       score scaling, ``tl.exp2``), P cast to v's dtype for P @ V; stores out and the
                       base-2 log-sum-exp (B, C, H, Wq) fp32 for backward.
+``_mca_bwd_dq_kernel``    runs first. One program per query block: delta = rowsum(dO * O) (stored for the
+                      dk/dv kernel), then over the key blocks dQ_rot += dS K_rot, dS = P (dP - delta). At
+                      BLOCK_D = 128 with rotary it also stores its rotated q block (``PRE_ROTATED_Q_BLOCK_DS``):
+                      rotating the q tiles inside the dk/dv loop spills there.
 ``_mca_bwd_dkdv_kernel``  one program per key block iterates over the query blocks, recomputing P^T from
-                      the saved log-sum-exp: dV += P^T dO, dK_rot += dS^T Q_rot, dS = P (dP - delta).
-``_mca_bwd_dq_kernel``    one program per query block iterates over the key blocks: dQ_rot += dS K_rot.
+                      the saved log-sum-exp: dV += P^T dO, dK_rot += dS^T Q_rot.
 Every output element is owned by exactly one program, so backward is deterministic (no atomics).
-delta = rowsum(dO * O) is a small torch reduction. The gradient goes back through the rotation with
-its transpose (the rotation is orthogonal): the rot-space accumulator is split into its (even, odd)
-columns with ``tl.reshape``/``tl.split``, rotated by -angle and re-interleaved with ``tl.join``.
 
-Layouts: q, k, v, dO (and out, in the torch reduction for delta) are read through their strides; the
-log-sum-exp is the forward's own contiguous output, made contiguous on the host in backward (a no-op for
-it); the rotary tables are cached contiguous tensors. out, dq, dk, dv are new contiguous tensors.
+Tiles: ``@triton.autotune`` over a short config list (query block BM, key block BN, warps, stages) per
+kernel, head-dim class (BLOCK_D 128 / 64 / <= 32) and dtype group (fp16/bf16: query blocks of 64-128 rows
+for wgmma; fp32: tiles that fit sm_80's shared memory), keyed on (D, WQ, WK, PRECISION); the compile
+gate builds every config of every recorded launch. Under the interpreter one deterministic config with
+unequal small blocks (``INTERPRETER_CONFIGS``); the tests force every GPU config through it too.
+fp32 dots follow torch's TF32 setting (``PRECISION`` = ``_common.dot_precision``, chosen at launch).
+
+Layouts: q, k, v, dO, out are read through their strides; the log-sum-exp is the forward's own contiguous
+output (made contiguous on the host in backward: a no-op for it); the rotary tables and delta are
+contiguous. out, dq, dk, dv are new contiguous tensors. lse is marked non-differentiable and unused output
+gradients arrive as None: backward materialises no zero gradients.
 
 Softmax statistics are fp32 whatever the input dtype (fp64 in the interpreter when the inputs are fp64,
 the test oracle); accumulators are fp32 (fp64 for fp64 inputs).
@@ -68,7 +75,7 @@ from ftkernels.multichannel_linear import MultichannelLinear
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
 # Head-dim blocks whose dk/dv kernel reads a rotated copy of q that the dq kernel writes (the dk/dv kernel's
-# in-loop rotation of q tiles spills at these: see the module docstring).
+# in-loop rotation of q tiles spills at these).
 PRE_ROTATED_Q_BLOCK_DS = (128,)
 
 
@@ -326,15 +333,15 @@ HEAD_CLASSES = ("128", "64", "32")
 # (kernel, head-dim class, dtype group) -> configs. Dtype groups: "16" (fp16/bf16: wgmma wants >= 64 rows per
 # warpgroup), "32" (fp32: tiles sized for the A100's 163 KB of shared memory). BM = query frames, BN = key frames.
 CONFIGS: Dict[Tuple[str, str, str], List[triton.Config]] = {
-    ("fwd", "128", "16"): [_cfg(128, 64, 8, 2), _cfg(128, 32, 8, 2), _cfg(64, 64, 4, 2)],
-    ("fwd", "64", "16"): [_cfg(128, 64, 8, 2), _cfg(128, 32, 8, 2), _cfg(64, 64, 4, 2)],
-    ("fwd", "32", "16"): [_cfg(128, 64, 8, 2), _cfg(128, 32, 8, 2), _cfg(64, 64, 4, 2)],
-    ("dq", "128", "16"): [_cfg(128, 64, 8, 2), _cfg(128, 32, 8, 2), _cfg(64, 32, 4, 2)],
-    ("dq", "64", "16"): [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2)],
-    ("dq", "32", "16"): [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2)],
-    ("dkdv", "128", "16"): [_cfg(16, 128, 8, 2), _cfg(16, 64, 4, 2), _cfg(32, 64, 8, 2)],
-    ("dkdv", "64", "16"): [_cfg(16, 64, 4, 2), _cfg(32, 64, 4, 2), _cfg(32, 128, 8, 2)],
-    ("dkdv", "32", "16"): [_cfg(16, 64, 4, 2), _cfg(32, 64, 4, 2), _cfg(32, 128, 8, 2)],
+    ("fwd", "128", "16"): [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2)],
+    ("fwd", "64", "16"): [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2)],
+    ("fwd", "32", "16"): [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2)],
+    ("dq", "128", "16"): [_cfg(64, 64, 8, 2), _cfg(64, 32, 8, 2)],
+    ("dq", "64", "16"): [_cfg(128, 64, 8, 2), _cfg(64, 32, 4, 2)],
+    ("dq", "32", "16"): [_cfg(128, 64, 8, 2), _cfg(64, 32, 4, 2)],
+    ("dkdv", "128", "16"): [_cfg(16, 128, 8, 2), _cfg(16, 64, 4, 2)],
+    ("dkdv", "64", "16"): [_cfg(32, 128, 8, 2), _cfg(16, 64, 4, 2)],
+    ("dkdv", "32", "16"): [_cfg(32, 128, 8, 2), _cfg(16, 64, 4, 2)],
     ("fwd", "128", "32"): [_cfg(32, 32, 8, 2), _cfg(32, 16, 4, 2)],
     ("fwd", "64", "32"): [_cfg(64, 64, 8, 2), _cfg(32, 32, 4, 2)],
     ("fwd", "32", "32"): [_cfg(64, 64, 8, 2), _cfg(32, 32, 4, 2)],
