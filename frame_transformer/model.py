@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ftkernels import FrameNorm, MultichannelLinear, SquaredReLUFeedForward
+from ftkernels import FrameNorm, MultichannelLinear, SquaredReLUFeedForward, reference
 
 try:
     from ftkernels import MultichannelMultiheadAttention, multichannel_attention
@@ -212,21 +212,11 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, x: Tensor, num_heads: int) -> Tensor:
         B, C, Fe, W = x.shape
-        d, n = Fe // num_heads, self.freqs.numel()
-        if n == 0:
+        if self.freqs.numel() == 0:
             return x
-        table = self.freqs.to(torch.promote_types(self.freqs.dtype, torch.float32))
-        angles = torch.arange(W, device=x.device, dtype=table.dtype)[:, None] * table  # (W, n)
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        angles = angles.to(dtype).t()  # (n, W)
-        cos, sin = angles.cos(), angles.sin()
-        h = x.to(dtype).reshape(B, C, num_heads, d, W)
-        pairs = h[:, :, :, : 2 * n].unflatten(3, (n, 2))  # (B, C, H, n, 2, W)
-        x0, x1 = pairs[:, :, :, :, 0], pairs[:, :, :, :, 1]
-        rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=4).flatten(3, 4)
-        if 2 * n < d:  # odd head dim: the last feature is not rotated
-            rotated = torch.cat((rotated, h[:, :, :, 2 * n:]), dim=3)
-        return rotated.reshape(B, C, Fe, W).to(x.dtype)
+        heads = x.reshape(B, C, num_heads, Fe // num_heads, W).transpose(3, 4)  # (B, C, H, W, d)
+        rotated = reference.apply_rotary(heads, freqs=self.freqs)
+        return rotated.transpose(3, 4).reshape(B, C, Fe, W)
 
     def extra_repr(self) -> str:
         return f"head_dim_pairs={self.freqs.numel()}"
@@ -251,7 +241,8 @@ class FrameConvAttention(nn.Module):
 
     q = rotary(q_proj(x)), k = rotary(k_proj(mem or x)), v = v_proj(mem or x), each projection a
     :class:`FrameConvProjection`; softmax attention over frames per (channel, head), head h on features
-    [h*d, (h+1)*d), scale 1/sqrt(features); out_proj position-wise.
+    [h*d, (h+1)*d), scale 1/sqrt(features); out_proj position-wise. The rotary is the attention op's own
+    (``rotary_freqs`` = the stored table ``rotary_embedding.freqs``, fused into the kernels).
     """
 
     def __init__(self, channels: int, num_heads: int, features: int, backend: Optional[str] = None):
@@ -269,10 +260,10 @@ class FrameConvAttention(nn.Module):
 
     def forward(self, x: Tensor, mem: Optional[Tensor] = None) -> Tensor:
         src = x if mem is None else mem
-        q = self.rotary_embedding(self.q_proj(x), self.num_heads)
-        k = self.rotary_embedding(self.k_proj(src), self.num_heads)
-        a = multichannel_attention(q, k, self.v_proj(src), self.num_heads, self.scale, rotary=False,
-                                   backend=self.backend)
+        # the rotary embedding runs inside the attention op (fused into the kernels' q/k tile loads) from the
+        # stored table: the same angles and rotation as self.rotary_embedding(q, num_heads)
+        a = multichannel_attention(self.q_proj(x), self.k_proj(src), self.v_proj(src), self.num_heads, self.scale,
+                                   rotary=True, rotary_freqs=self.rotary_embedding.freqs, backend=self.backend)
         return self.out_proj(a)
 
     def extra_repr(self) -> str:

@@ -477,7 +477,7 @@ def odd_shape_sweep(dtype: str) -> None:
     multiples of 16 (so strides lose their divisibility), a single frame, non-contiguous inputs, every
     multichannel-linear path (fused C_out <= 8, two-pass, depth-wise only, biases; position-wise only runs in
     the feed-forward's linear2), both feed-forward paths, attention at head dims 4, 8 and 128 with and
-    without rotary and Wk != Wq."""
+    without rotary and Wk != Wq, from a stored rotary table at head dim 15, and (fp32) with TF32 allowed."""
     import ftkernels
     dt = DTYPES[dtype]
 
@@ -501,6 +501,19 @@ def odd_shape_sweep(dtype: str) -> None:
         for F, H, Wq, Wk, rotary in [(8, 2, 5, 7, True), (40, 5, 5, 6, False), (256, 2, 33, 17, True)]:
             q, k, v = rnd(1, 1, F, Wq), rnd(1, 1, F, Wk), rnd(1, 1, F, Wk, noncontig=True)
             ftkernels.multichannel_attention(q, k, v, H, rotary=rotary).sum().backward()
+        # attention from a stored rotary table, odd head dim (15: 7 pairs); in fp32 also with TF32 allowed
+        q, k, v = rnd(1, 1, 30, 9), rnd(1, 1, 30, 9), rnd(1, 1, 30, 9)
+        freqs = torch.empty(7, dtype=torch.float32)
+        ftkernels.multichannel_attention(q, k, v, 2, rotary_freqs=freqs).sum().backward()
+        if dt == torch.float32:
+            tf32 = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                for F in (64, 256):
+                    q, k, v = rnd(1, 1, F, 33), rnd(1, 1, F, 17), rnd(1, 1, F, 17)
+                    ftkernels.multichannel_attention(q, k, v, 2).sum().backward()
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 @dataclasses.dataclass

@@ -4,7 +4,8 @@
 
 For every (batch, channel, head h): softmax(rot(Q) rot(K)^T * scale) V over frames, where head h takes
 features [h*d, (h+1)*d), d = F / num_heads, and rot is the interleaved-pairs rotary embedding (pairs
-(2i, 2i+1) rotated by pos * 10000^(-2i/d), pos = the frame index; q and k each over their own frames).
+(2i, 2i+1) rotated by pos * 10000^(-2i/d), or by pos * rotary_freqs[i] from a stored table such as the
+v4 checkpoint's; pos = the frame index, q and k each over their own frames).
 Memory attention is the same op with k, v from another tensor (Wk != Wq allowed).
 
 Kernels
@@ -14,45 +15,53 @@ matrix is the (d, W) feature-major slab of features [h*d, (h+1)*d), so a tile of
 ``base + feature * stride_F + frame * stride_W`` (coalesced along frames, no transposes or copies) and
 the output / gradients are written straight into (B, C, F, W) tensors. Grid (frame blocks, C * H, B).
 
-Head dims 1..128 are padded to ``BLOCK_D = max(16, next_pow2(d))`` (the tl.dot minimum is 16) with
-masked loads (zeros in the pad columns contribute nothing to the dot products, pad columns are not stored).
-Blocks (BM query frames x BN key frames), 4 warps, 2 stages: 64 x 64 for BLOCK_D <= 64; for BLOCK_D = 128
-64 x 32 (forward, dq) and 32 x 64 (dk/dv), and in fp32 32 x 32 (dq) and 16 x 64 (dk/dv), so the tiles fit
-sm_80's shared memory (``_blocks``; the compile gate checks every one). Padded frames are
-masked (keys to -inf scores, padded query rows to zero probability in backward).
-
-Rotary is fused into the tile loads: each q/k tile is loaded twice, as-is and with the pair-partner
-permutation (column i ^ 1), and rotated as rot[i] = x[i] cos(a) + sign(i) x[i ^ 1] sin(a), sign(even) = -1,
-with cos/sin read from (frames, d / 2) tables computed once per shape from float64 angles (cached; a few
-KiB that stay in L2). Table loads replace per-tile ``tl.cos``/``tl.sin``: the K tiles are re-rotated for
-every query block, and full-range trig on the CUDA cores would compete with the tensor-core dots.
-Rotated tiles are cast back to the input dtype before tl.dot (as the reference rotates in that dtype).
+Rotary on de-interleaved parts: a q/k tile is loaded once, as its even and its odd features (two
+(frames, BLOCK_H) parts, BLOCK_H = max(16, next_pow2(ceil(d / 2)))), rotated elementwise in fp32
+((x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)) and cast back to the input dtype (as the reference
+rotates), and the scores are two split-K dots, Q0 K0^T + Q1 K1^T. Gradients w.r.t. the rotated q/k
+are accumulated as even/odd parts and rotated back with the transpose when stored. cos/sin come from
+(frames, pairs) fp32 tables: the default angles from float64 (cached per shape), a stored table's angles
+rounded in its dtype as upstream's rotary computes them (cached per frequency tensor while it lives
+unmodified); pairs beyond the table (an odd head dim's last feature) are not rotated. Table loads
+replace per-tile trig, which would compete with the tensor-core dots. v and dO tiles are padded to
+BLOCK_D = max(16, next_pow2(d)) with masked loads; padded key frames score -inf, padded query rows get
+zero probability in backward.
 
 ``_mca_fwd_kernel``   FlashAttention-2 forward: one program per query block loops over all key blocks
                       with the online softmax in fp32 (scores in base 2: scale * log2(e) folded into the
                       score scaling, ``tl.exp2``), P cast to v's dtype for P @ V; stores out and the
                       base-2 log-sum-exp (B, C, H, Wq) fp32 for backward.
+``_mca_bwd_dq_kernel``    runs first. One program per query block: delta = rowsum(dO * O) (stored for the
+                      dk/dv kernel), then over the key blocks dQ_rot += dS K_rot, dS = P (dP - delta). At
+                      BLOCK_D = 128 with rotary it also stores its rotated q block (``PRE_ROTATED_Q_BLOCK_DS``):
+                      rotating the q tiles inside the dk/dv loop spills there.
 ``_mca_bwd_dkdv_kernel``  one program per key block iterates over the query blocks, recomputing P^T from
-                      the saved log-sum-exp: dV += P^T dO, dK_rot += dS^T Q_rot, dS = P (dP - delta).
-``_mca_bwd_dq_kernel``    one program per query block iterates over the key blocks: dQ_rot += dS K_rot.
+                      the saved log-sum-exp: dV += P^T dO, dK_rot += dS^T Q_rot.
 Every output element is owned by exactly one program, so backward is deterministic (no atomics).
-delta = rowsum(dO * O) is a small torch reduction. The gradient goes back through the rotation with
-its transpose (the rotation is orthogonal): the rot-space accumulator is split into its (even, odd)
-columns with ``tl.reshape``/``tl.split``, rotated by -angle and re-interleaved with ``tl.join``.
 
-Layouts: q, k, v, dO (and out, in the torch reduction for delta) are read through their strides; the
-log-sum-exp is the forward's own contiguous output, made contiguous on the host in backward (a no-op for
-it); the rotary tables are cached contiguous tensors. out, dq, dk, dv are new contiguous tensors.
+Tiles: ``@triton.autotune`` over a short config list (query block BM, key block BN, warps, stages) per
+kernel, head-dim class (BLOCK_D 128 / 64 / <= 32) and dtype group (fp16/bf16: query blocks of 64-128 rows
+for wgmma; fp32: tiles that fit sm_80's shared memory), keyed on (D, WQ, WK, PRECISION); the compile
+gate builds every config of every recorded launch. Under the interpreter one deterministic config with
+unequal small blocks (``INTERPRETER_CONFIGS``); the tests force every GPU config through it too.
+fp32 dots follow torch's TF32 setting (``PRECISION`` = ``_common.dot_precision``, chosen at launch).
+
+Layouts: q, k, v, dO, out are read through their strides; the log-sum-exp is the forward's own contiguous
+output (made contiguous on the host in backward: a no-op for it); the rotary tables and delta are
+contiguous. out, dq, dk, dv are new contiguous tensors. lse is marked non-differentiable and unused output
+gradients arrive as None: backward materialises no zero gradients.
 
 Softmax statistics are fp32 whatever the input dtype (fp64 in the interpreter when the inputs are fp64,
 the test oracle); accumulators are fp32 (fp64 for fp64 inputs).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import numbers
-from typing import List, Optional, Tuple
+import weakref
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
@@ -61,30 +70,17 @@ from torch import Tensor, nn
 
 from ftkernels import _common as common
 from ftkernels import reference
-from ftkernels._common import Specialization, spec
 from ftkernels.multichannel_linear import MultichannelLinear
 
 LOG2E = 1.4426950408889634
-PRECISION = "ieee"
 MAX_HEAD_DIM = 128
-BLOCK_DS = (16, 32, 64, 128)
+# Head-dim blocks whose dk/dv kernel reads a rotated copy of q that the dq kernel writes (the dk/dv kernel's
+# in-loop rotation of q tiles spills at these).
+PRE_ROTATED_Q_BLOCK_DS = (128,)
 
 
-def _blocks(block_d: int, kernel: str = "fwd", fp32: bool = False) -> Tuple[int, int, int, int]:
-    """(BM, BN, num_warps, num_stages) of a kernel ("fwd", "dkdv", "dq") for a padded head dim.
-
-    BLOCK_D = 128 takes smaller frame blocks so fp32 tiles fit sm_80's shared memory (the dk/dv kernel
-    keeps K, V and two accumulators resident and streams (BM x 128) Q and dO tiles). In fp32 with rotary
-    the half-precision blocks need 172 KB of sm_80's 163 KB, so fp32 takes 16-row (dk/dv) and 32-row (dq)
-    blocks (119 KB and 135 KB).
-    """
-    if block_d <= 64:
-        return 64, 64, 4, 2
-    if kernel == "dkdv":
-        return (16 if fp32 else 32), 64, 4, 2
-    if kernel == "dq" and fp32:
-        return 32, 32, 4, 2
-    return 64, 32, 4, 2
+# ----------------------------------------------------------------------------------------------
+# kernels
 
 
 @triton.jit
@@ -94,55 +90,71 @@ def _head_base(b, c, h, D, s_b, s_c, s_f):
 
 
 @triton.jit
-def _rot_tile(x_ptr, base, offs_d, offs_w, s_f, s_w, mask, d, cos_f32_ptr, sin_f32_ptr, ROTARY: tl.constexpr,
-              FRAMES_FIRST: tl.constexpr):
-    """Load a (frames, BLOCK_D) tile (FRAMES_FIRST) or its transpose (BLOCK_D, frames), rotary applied.
+def _qk_parts(x_ptr, base, offs_w, mask_w, s_f, s_w, D, cos_f32_ptr, sin_f32_ptr, NP,
+              ROTARY: tl.constexpr, BLOCK_H: tl.constexpr, FRAMES_FIRST: tl.constexpr):
+    """The even and the odd features (x[2j], x[2j+1], j < BLOCK_H) of a q/k tile of frames ``offs_w``,
+    each (frames, BLOCK_H) (FRAMES_FIRST) or transposed (BLOCK_H, frames), rotated when ROTARY:
+    (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin) in fp32 (fp64 for fp64 inputs), cast back to x's dtype.
 
-    Element (w, i) sits at base + i * s_f + w * s_w; cos/sin of pair i // 2 at frame w are entry
-    w * (d // 2) + i // 2 of the (frames, d // 2) tables. Returns the tile in x's dtype.
+    Element (w, i) sits at base + i * s_f + w * s_w; cos/sin of pair j at frame w are entry w * NP + j of the
+    (frames, NP) tables; pairs j >= NP (an odd head dim's last feature) are not rotated.
     """
+    j = tl.arange(0, BLOCK_H)
     if FRAMES_FIRST:
-        dd = offs_d[None, :]
+        jj = j[None, :]
         ww = offs_w[:, None]
+        mw = mask_w[:, None]
     else:
-        dd = offs_d[:, None]
+        jj = j[:, None]
         ww = offs_w[None, :]
-    x = tl.load(x_ptr + base + dd * s_f + ww * s_w, mask=mask, other=0.0)
+        mw = mask_w[None, :]
+    p0 = x_ptr + base + (2 * jj) * s_f + ww * s_w
+    x0 = tl.load(p0, mask=mw & (2 * jj < D), other=0.0)
+    x1 = tl.load(p0 + s_f, mask=mw & (2 * jj + 1 < D), other=0.0)
     if ROTARY:
-        # pair partner i ^ 1 (same mask: d is even); rotation math in fp32 (fp64 for fp64 inputs)
-        xp = tl.load(x_ptr + base + (dd ^ 1) * s_f + ww * s_w, mask=mask, other=0.0)
-        t = ww * (d // 2) + dd // 2
-        cs = tl.load(cos_f32_ptr + t, mask=mask, other=1.0)
-        sn = tl.load(sin_f32_ptr + t, mask=mask, other=0.0)
-        sign = tl.where((dd % 2) == 0, -1.0, 1.0)
-        x = (x * cs + sign * xp * sn).to(x_ptr.dtype.element_ty)
-    return x
+        t = ww * NP + jj
+        mt = mw & (jj < NP)
+        cs = tl.load(cos_f32_ptr + t, mask=mt, other=1.0)
+        sn = tl.load(sin_f32_ptr + t, mask=mt, other=0.0)
+        y0 = x0 * cs - x1 * sn
+        y1 = x1 * cs + x0 * sn
+        x0 = y0.to(x_ptr.dtype.element_ty)
+        x1 = y1.to(x_ptr.dtype.element_ty)
+    return x0, x1
 
 
 @triton.jit
-def _unrot(acc, offs_w, d, W, cos_f32_ptr, sin_f32_ptr, ROTARY: tl.constexpr, BW: tl.constexpr,
-           BLOCK_D: tl.constexpr):
-    """Apply the inverse rotation (angle -a) to a (BW, BLOCK_D) gradient w.r.t. the rotated tile."""
+def _store_parts(ptr, base, offs_w, mask_w, s_f, s_w, D, g0, g1, cos_f32_ptr, sin_f32_ptr, NP,
+                 ROTARY: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Store a gradient held as (frames, BLOCK_H) even/odd parts w.r.t. the rotated features, rotated back
+    (the transpose of the rotation: g0 cos + g1 sin, g1 cos - g0 sin) into features 2j and 2j + 1."""
+    j = tl.arange(0, BLOCK_H)
+    jj = j[None, :]
+    ww = offs_w[:, None]
+    mw = mask_w[:, None]
     if ROTARY:
-        x = tl.reshape(acc, (BW, BLOCK_D // 2, 2))
-        x0, x1 = tl.split(x)
-        j = tl.arange(0, BLOCK_D // 2)
-        t = offs_w[:, None] * (d // 2) + j[None, :]
-        m = (offs_w[:, None] < W) & (j[None, :] < d // 2)
-        cs = tl.load(cos_f32_ptr + t, mask=m, other=1.0)
-        sn = tl.load(sin_f32_ptr + t, mask=m, other=0.0)
-        y0 = x0 * cs + x1 * sn
-        y1 = x1 * cs - x0 * sn
-        acc = tl.reshape(tl.join(y0, y1), (BW, BLOCK_D))
-    return acc
+        t = ww * NP + jj
+        mt = mw & (jj < NP)
+        # ".cg": not the same load as the prologue's rotation of this tile, so the compiler does not keep
+        # that tile's cos/sin live in registers across the main loop to reuse them here
+        cs = tl.load(cos_f32_ptr + t, mask=mt, other=1.0, cache_modifier=".cg")
+        sn = tl.load(sin_f32_ptr + t, mask=mt, other=0.0, cache_modifier=".cg")
+        r0 = g0 * cs + g1 * sn
+        r1 = g1 * cs - g0 * sn
+        g0 = r0
+        g1 = r1
+    p0 = ptr + base + (2 * jj) * s_f + ww * s_w
+    dt = ptr.dtype.element_ty
+    tl.store(p0, g0.to(dt), mask=mw & (2 * jj < D))
+    tl.store(p0 + s_f, g1.to(dt), mask=mw & (2 * jj + 1 < D))
 
 
 @triton.jit
-def _mca_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_f32_ptr, cos_f32_ptr, sin_f32_ptr, C, H, D, WQ, WK, qk_scale,
+def _mca_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_f32_ptr, cos_f32_ptr, sin_f32_ptr, C, H, D, NP, WQ, WK, qk_scale,
                     s_qb, s_qc, s_qf, s_qw, s_kb, s_kc, s_kf, s_kw, s_vb, s_vc, s_vf, s_vw,
                     s_ob, s_oc, s_of, s_ow,
-                    ROTARY: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    ROTARY: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr):
     """grid (cdiv(WQ, BM), C * H, B); lse (B, C, H, WQ) contiguous, base-2 units; qk_scale = scale*log2(e)."""
     pid_m = tl.program_id(0)
     ch = tl.program_id(1)
@@ -158,8 +170,8 @@ def _mca_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_f32_ptr, cos_f32_ptr, sin_f3
     q_base = _head_base(b, c, h, D, s_qb, s_qc, s_qf)
     k_base = _head_base(b, c, h, D, s_kb, s_kc, s_kf)
     v_base = _head_base(b, c, h, D, s_vb, s_vc, s_vf)
-    q = _rot_tile(q_ptr, q_base, offs_d, offs_m, s_qf, s_qw, mask_m[:, None] & mask_d[None, :], D, cos_f32_ptr,
-                  sin_f32_ptr, ROTARY, True)
+    q0, q1 = _qk_parts(q_ptr, q_base, offs_m, mask_m, s_qf, s_qw, D, cos_f32_ptr, sin_f32_ptr, NP, ROTARY, BLOCK_H,
+                       True)  # (BM, BLOCK_H) each
 
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32) + zero
     l_i = tl.zeros([BM], dtype=tl.float32) + zero
@@ -167,10 +179,10 @@ def _mca_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_f32_ptr, cos_f32_ptr, sin_f3
     for n0 in range(0, WK, BN):
         offs_n = n0 + tl.arange(0, BN)
         mask_n = offs_n < WK
-        kt = _rot_tile(k_ptr, k_base, offs_d, offs_n, s_kf, s_kw, mask_d[:, None] & mask_n[None, :], D, cos_f32_ptr,
-                       sin_f32_ptr, ROTARY,
-                       False)
-        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        k0, k1 = _qk_parts(k_ptr, k_base, offs_n, mask_n, s_kf, s_kw, D, cos_f32_ptr, sin_f32_ptr, NP, ROTARY,
+                           BLOCK_H, False)  # (BLOCK_H, BN) each
+        s = tl.dot(q0, k0, input_precision=PRECISION)
+        s = tl.dot(q1, k1, s, input_precision=PRECISION) * qk_scale
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -178,7 +190,7 @@ def _mca_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_f32_ptr, cos_f32_ptr, sin_f3
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + v_base + offs_d[None, :] * s_vf + offs_n[:, None] * s_vw,
                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(dt), v, input_precision=PRECISION)
+        acc = tl.dot(p.to(dt), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     out = acc / l_i[:, None]
     o_base = _head_base(b, c, h, D, s_ob, s_oc, s_of)
@@ -189,14 +201,75 @@ def _mca_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_f32_ptr, cos_f32_ptr, sin_f3
 
 
 @triton.jit
+def _mca_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_f32_ptr, delta_f32_ptr, cos_f32_ptr, sin_f32_ptr,
+                       dq_ptr, qr_ptr, C, H, D, NP, WQ, WK, qk_scale, scale,
+                       s_qb, s_qc, s_qf, s_qw, s_kb, s_kc, s_kf, s_kw, s_vb, s_vc, s_vf, s_vw,
+                       s_ob, s_oc, s_of, s_ow, s_gb, s_gc, s_gf, s_gw, s_dqb, s_dqc, s_dqf, s_dqw,
+                       ROTARY: tl.constexpr, STORE_QR: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                       PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """grid (cdiv(WQ, BM), C * H, B): delta = rowsum(dO * O) of one query block (stored for the dk/dv
+    kernel, which runs after this one) and its dq, looping over all key blocks. STORE_QR: also store the
+    rotated q block into qr (B, C, F, WQ) contiguous, for the dk/dv kernel."""
+    pid_m = tl.program_id(0)
+    ch = tl.program_id(1)
+    b = tl.program_id(2)
+    c = ch // H
+    h = ch % H
+    dt = q_ptr.dtype.element_ty
+    sd = lse_f32_ptr.dtype.element_ty
+    zero = tl.zeros([1], dtype=dt)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < WQ
+    mask_d = offs_d < D
+    mask_md = mask_m[:, None] & mask_d[None, :]
+    q_base = _head_base(b, c, h, D, s_qb, s_qc, s_qf)
+    k_base = _head_base(b, c, h, D, s_kb, s_kc, s_kf)
+    v_base = _head_base(b, c, h, D, s_vb, s_vc, s_vf)
+    o_base = _head_base(b, c, h, D, s_ob, s_oc, s_of)
+    g_base = _head_base(b, c, h, D, s_gb, s_gc, s_gf)
+    do = tl.load(do_ptr + g_base + offs_d[None, :] * s_gf + offs_m[:, None] * s_gw, mask=mask_md, other=0.0)
+    o = tl.load(o_ptr + o_base + offs_d[None, :] * s_of + offs_m[:, None] * s_ow, mask=mask_md, other=0.0)
+    stat = (b * C * H + ch).to(tl.int64) * WQ + offs_m
+    delta = tl.sum(do.to(sd) * o.to(sd), axis=1)
+    tl.store(delta_f32_ptr + stat, delta, mask=mask_m)
+    lse = tl.load(lse_f32_ptr + stat, mask=mask_m, other=0.0)
+    q0, q1 = _qk_parts(q_ptr, q_base, offs_m, mask_m, s_qf, s_qw, D, cos_f32_ptr, sin_f32_ptr, NP, ROTARY, BLOCK_H,
+                       True)  # (BM, BLOCK_H) each
+    if STORE_QR:
+        qr_base = (b * C + c).to(tl.int64) * H * D * WQ + (h * D).to(tl.int64) * WQ
+        _store_parts(qr_ptr, qr_base, offs_m, mask_m, WQ, 1, D, q0, q1, cos_f32_ptr, sin_f32_ptr, NP, False, BLOCK_H)
+    dq0 = tl.zeros([BM, BLOCK_H], dtype=tl.float32) + zero[:, None]
+    dq1 = tl.zeros([BM, BLOCK_H], dtype=tl.float32) + zero[:, None]
+    for n0 in range(0, WK, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        mask_n = offs_n < WK
+        k0, k1 = _qk_parts(k_ptr, k_base, offs_n, mask_n, s_kf, s_kw, D, cos_f32_ptr, sin_f32_ptr, NP, ROTARY,
+                           BLOCK_H, False)  # (BLOCK_H, BN) each
+        vt = tl.load(v_ptr + v_base + offs_d[:, None] * s_vf + offs_n[None, :] * s_vw,
+                     mask=mask_d[:, None] & mask_n[None, :], other=0.0)
+        s = tl.dot(q0, k0, input_precision=PRECISION)
+        s = tl.dot(q1, k1, s, input_precision=PRECISION) * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        p = tl.where(mask_n[None, :], p, 0.0)
+        dp = tl.dot(do, vt, input_precision=PRECISION)
+        ds = (p * (dp - delta[:, None])).to(dt)
+        dq0 = tl.dot(ds, tl.trans(k0), dq0, input_precision=PRECISION)
+        dq1 = tl.dot(ds, tl.trans(k1), dq1, input_precision=PRECISION)
+    dq_base = _head_base(b, c, h, D, s_dqb, s_dqc, s_dqf)
+    _store_parts(dq_ptr, dq_base, offs_m, mask_m, s_dqf, s_dqw, D, dq0 * scale, dq1 * scale, cos_f32_ptr, sin_f32_ptr,
+                 NP, ROTARY, BLOCK_H)
+
+
+@triton.jit
 def _mca_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_f32_ptr, delta_f32_ptr, cos_f32_ptr, sin_f32_ptr,
-                         dk_ptr, dv_ptr,
-                         C, H, D, WQ, WK, qk_scale, scale,
+                         dk_ptr, dv_ptr, C, H, D, NP, WQ, WK, qk_scale, scale,
                          s_qb, s_qc, s_qf, s_qw, s_kb, s_kc, s_kf, s_kw, s_vb, s_vc, s_vf, s_vw,
                          s_gb, s_gc, s_gf, s_gw, s_dkb, s_dkc, s_dkf, s_dkw, s_dvb, s_dvc, s_dvf, s_dvw,
-                         ROTARY: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr,
-                         PRECISION: tl.constexpr):
-    """grid (cdiv(WK, BN), C * H, B): dk, dv of one key block, looping over all query blocks."""
+                         ROTARY: tl.constexpr, ROTATE_Q: tl.constexpr, BLOCK_H: tl.constexpr,
+                         BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """grid (cdiv(WK, BN), C * H, B): dk, dv of one key block, looping over all query blocks. q is rotated
+    here when ROTATE_Q, else it is the dq kernel's rotated copy (ROTARY without ROTATE_Q)."""
     pid_n = tl.program_id(0)
     ch = tl.program_id(1)
     b = tl.program_id(2)
@@ -213,83 +286,125 @@ def _mca_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_f32_ptr, delta_f32_ptr
     k_base = _head_base(b, c, h, D, s_kb, s_kc, s_kf)
     v_base = _head_base(b, c, h, D, s_vb, s_vc, s_vf)
     g_base = _head_base(b, c, h, D, s_gb, s_gc, s_gf)
-    k = _rot_tile(k_ptr, k_base, offs_d, offs_n, s_kf, s_kw, mask_nd, D, cos_f32_ptr, sin_f32_ptr, ROTARY,
-                  True)  # (BN, BLOCK_D)
+    k0, k1 = _qk_parts(k_ptr, k_base, offs_n, mask_n, s_kf, s_kw, D, cos_f32_ptr, sin_f32_ptr, NP, ROTARY, BLOCK_H,
+                       True)  # (BN, BLOCK_H) each
     v = tl.load(v_ptr + v_base + offs_d[None, :] * s_vf + offs_n[:, None] * s_vw, mask=mask_nd, other=0.0)
-    dk = tl.zeros([BN, BLOCK_D], dtype=tl.float32) + zero[:, None]
+    dk0 = tl.zeros([BN, BLOCK_H], dtype=tl.float32) + zero[:, None]
+    dk1 = tl.zeros([BN, BLOCK_H], dtype=tl.float32) + zero[:, None]
     dv = tl.zeros([BN, BLOCK_D], dtype=tl.float32) + zero[:, None]
     stat_base = (b * C * H + ch).to(tl.int64) * WQ
     for m0 in range(0, WQ, BM):
         offs_m = m0 + tl.arange(0, BM)
         mask_m = offs_m < WQ
-        mask_dm = mask_d[:, None] & mask_m[None, :]
-        qt = _rot_tile(q_ptr, q_base, offs_d, offs_m, s_qf, s_qw, mask_dm, D, cos_f32_ptr, sin_f32_ptr, ROTARY,
-                       False)  # (BLOCK_D, BM)
+        q0, q1 = _qk_parts(q_ptr, q_base, offs_m, mask_m, s_qf, s_qw, D, cos_f32_ptr, sin_f32_ptr, NP, ROTATE_Q,
+                           BLOCK_H, False)  # (BLOCK_H, BM) each
         lse = tl.load(lse_f32_ptr + stat_base + offs_m, mask=mask_m, other=0.0)
         delta = tl.load(delta_f32_ptr + stat_base + offs_m, mask=mask_m, other=0.0)
-        st = tl.dot(k, qt, input_precision=PRECISION) * qk_scale  # (BN, BM)
+        st = tl.dot(k0, q0, input_precision=PRECISION)
+        st = tl.dot(k1, q1, st, input_precision=PRECISION) * qk_scale  # (BN, BM)
         pt = tl.exp2(st - lse[None, :])
         pt = tl.where(mask_m[None, :], pt, 0.0)
         do = tl.load(do_ptr + g_base + offs_d[None, :] * s_gf + offs_m[:, None] * s_gw,
                      mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # (BM, BLOCK_D)
-        dv += tl.dot(pt.to(dt), do, input_precision=PRECISION)
+        dv = tl.dot(pt.to(dt), do, dv, input_precision=PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BN, BM)
-        dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(dt), tl.trans(qt), input_precision=PRECISION)
-    dk = _unrot(dk * scale, offs_n, D, WK, cos_f32_ptr, sin_f32_ptr, ROTARY, BN, BLOCK_D)
-    dk_base = _head_base(b, c, h, D, s_dkb, s_dkc, s_dkf)
+        dst = (pt * (dpt - delta[None, :])).to(dt)
+        dk0 = tl.dot(dst, tl.trans(q0), dk0, input_precision=PRECISION)
+        dk1 = tl.dot(dst, tl.trans(q1), dk1, input_precision=PRECISION)
     dv_base = _head_base(b, c, h, D, s_dvb, s_dvc, s_dvf)
-    tl.store(dk_ptr + dk_base + offs_d[None, :] * s_dkf + offs_n[:, None] * s_dkw, dk.to(dt), mask=mask_nd)
     tl.store(dv_ptr + dv_base + offs_d[None, :] * s_dvf + offs_n[:, None] * s_dvw, dv.to(dt), mask=mask_nd)
+    dk_base = _head_base(b, c, h, D, s_dkb, s_dkc, s_dkf)
+    _store_parts(dk_ptr, dk_base, offs_n, mask_n, s_dkf, s_dkw, D, dk0 * scale, dk1 * scale, cos_f32_ptr, sin_f32_ptr,
+                 NP, ROTARY, BLOCK_H)
 
 
-@triton.jit
-def _mca_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_f32_ptr, delta_f32_ptr, cos_f32_ptr, sin_f32_ptr, dq_ptr,
-                       C, H, D, WQ, WK, qk_scale, scale,
-                       s_qb, s_qc, s_qf, s_qw, s_kb, s_kc, s_kf, s_kw, s_vb, s_vc, s_vf, s_vw,
-                       s_gb, s_gc, s_gf, s_gw, s_dqb, s_dqc, s_dqf, s_dqw,
-                       ROTARY: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr,
-                       PRECISION: tl.constexpr):
-    """grid (cdiv(WQ, BM), C * H, B): dq of one query block, looping over all key blocks."""
-    pid_m = tl.program_id(0)
-    ch = tl.program_id(1)
-    b = tl.program_id(2)
-    c = ch // H
-    h = ch % H
-    dt = q_ptr.dtype.element_ty
-    zero = tl.zeros([1], dtype=dt)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < WQ
-    mask_d = offs_d < D
-    mask_md = mask_m[:, None] & mask_d[None, :]
-    q_base = _head_base(b, c, h, D, s_qb, s_qc, s_qf)
-    k_base = _head_base(b, c, h, D, s_kb, s_kc, s_kf)
-    v_base = _head_base(b, c, h, D, s_vb, s_vc, s_vf)
-    g_base = _head_base(b, c, h, D, s_gb, s_gc, s_gf)
-    q = _rot_tile(q_ptr, q_base, offs_d, offs_m, s_qf, s_qw, mask_md, D, cos_f32_ptr, sin_f32_ptr, ROTARY,
-                  True)  # (BM, BLOCK_D)
-    do = tl.load(do_ptr + g_base + offs_d[None, :] * s_gf + offs_m[:, None] * s_gw, mask=mask_md, other=0.0)
-    stat = (b * C * H + ch).to(tl.int64) * WQ + offs_m
-    lse = tl.load(lse_f32_ptr + stat, mask=mask_m, other=0.0)
-    delta = tl.load(delta_f32_ptr + stat, mask=mask_m, other=0.0)
-    dq = tl.zeros([BM, BLOCK_D], dtype=tl.float32) + zero[:, None]
-    for n0 in range(0, WK, BN):
-        offs_n = n0 + tl.arange(0, BN)
-        mask_n = offs_n < WK
-        mask_dn = mask_d[:, None] & mask_n[None, :]
-        kt = _rot_tile(k_ptr, k_base, offs_d, offs_n, s_kf, s_kw, mask_dn, D, cos_f32_ptr, sin_f32_ptr, ROTARY,
-                       False)  # (BLOCK_D, BN)
-        vt = tl.load(v_ptr + v_base + offs_d[:, None] * s_vf + offs_n[None, :] * s_vw, mask=mask_dn, other=0.0)
-        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-        p = tl.exp2(s - lse[:, None])
-        p = tl.where(mask_n[None, :], p, 0.0)
-        dp = tl.dot(do, vt, input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(dt), tl.trans(kt), input_precision=PRECISION)
-    dq = _unrot(dq * scale, offs_m, D, WQ, cos_f32_ptr, sin_f32_ptr, ROTARY, BM, BLOCK_D)
-    dq_base = _head_base(b, c, h, D, s_dqb, s_dqc, s_dqf)
-    tl.store(dq_ptr + dq_base + offs_d[None, :] * s_dqf + offs_m[:, None] * s_dqw, dq.to(dt), mask=mask_md)
+# ----------------------------------------------------------------------------------------------
+# configs: a short list per kernel, head-dim class and dtype group, each list its own autotuner (so a launch
+# is gated with exactly the configs it can pick); one deterministic config under the interpreter
+
+
+def _cfg(BM, BN, warps, stages):
+    return triton.Config({"BM": BM, "BN": BN}, num_warps=warps, num_stages=stages)
+
+
+KERNELS = ("fwd", "dq", "dkdv")
+# head-dim classes by BLOCK_D = max(16, next_pow2(d)): "128" (d 65..128), "64" (33..64), "32" (d <= 32)
+HEAD_CLASSES = ("128", "64", "32")
+# (kernel, head-dim class, dtype group) -> configs. Dtype groups: "16" (fp16/bf16: wgmma wants >= 64 rows per
+# warpgroup), "32" (fp32: tiles sized for the A100's 163 KB of shared memory). BM = query frames, BN = key frames.
+CONFIGS: Dict[Tuple[str, str, str], List[triton.Config]] = {
+    ("fwd", "128", "16"): [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2)],
+    ("fwd", "64", "16"): [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2)],
+    ("fwd", "32", "16"): [_cfg(128, 64, 8, 2), _cfg(64, 64, 4, 2)],
+    ("dq", "128", "16"): [_cfg(64, 64, 8, 2), _cfg(64, 32, 8, 2)],
+    ("dq", "64", "16"): [_cfg(128, 64, 8, 2), _cfg(64, 32, 4, 2)],
+    ("dq", "32", "16"): [_cfg(128, 64, 8, 2), _cfg(64, 32, 4, 2)],
+    ("dkdv", "128", "16"): [_cfg(16, 128, 8, 2), _cfg(16, 64, 4, 2)],
+    ("dkdv", "64", "16"): [_cfg(32, 128, 8, 2), _cfg(16, 64, 4, 2)],
+    ("dkdv", "32", "16"): [_cfg(32, 128, 8, 2), _cfg(16, 64, 4, 2)],
+    ("fwd", "128", "32"): [_cfg(32, 32, 8, 2), _cfg(32, 16, 4, 2)],
+    ("fwd", "64", "32"): [_cfg(64, 64, 8, 2), _cfg(32, 32, 4, 2)],
+    ("fwd", "32", "32"): [_cfg(64, 64, 8, 2), _cfg(32, 32, 4, 2)],
+    ("dq", "128", "32"): [_cfg(32, 32, 8, 2), _cfg(64, 16, 8, 2)],
+    ("dq", "64", "32"): [_cfg(64, 32, 8, 2), _cfg(32, 32, 4, 2)],
+    ("dq", "32", "32"): [_cfg(64, 32, 8, 2), _cfg(32, 32, 4, 2)],
+    ("dkdv", "128", "32"): [_cfg(16, 32, 8, 2), _cfg(16, 16, 4, 2)],
+    ("dkdv", "64", "32"): [_cfg(16, 32, 4, 2), _cfg(16, 64, 8, 2)],
+    ("dkdv", "32", "32"): [_cfg(16, 32, 4, 2), _cfg(16, 64, 8, 2)],
+}
+# The interpreter's configs: small, unequal query and key blocks, so the tests' odd frame counts cross tile
+# edges on both sides.
+INTERPRETER_CONFIGS = {"fwd": _cfg(32, 16, 4, 1), "dq": _cfg(32, 16, 4, 1), "dkdv": _cfg(16, 32, 4, 1)}
+_KERNELS = {"fwd": _mca_fwd_kernel, "dq": _mca_bwd_dq_kernel, "dkdv": _mca_bwd_dkdv_kernel}
+_FORCED: Dict[str, triton.Config] = {}  # kernel -> config, see forced_config
+
+
+def _prune(kernel: str):
+    def prune(configs, named_args, **kwargs):
+        if kernel in _FORCED:
+            return [_FORCED[kernel]]
+        return [INTERPRETER_CONFIGS[kernel]] if common.INTERPRET else configs
+    return prune
+
+
+def _autotuned(kernel: str, head: str, group: str):
+    return triton.autotune(CONFIGS[(kernel, head, group)], key=["D", "WQ", "WK", "PRECISION"],
+                           prune_configs_by={"early_config_prune": _prune(kernel)})(_KERNELS[kernel])
+
+
+# One module attribute per autotuner (scripts/gpu_check.sh finds them here and dumps their picks).
+_TUNED = {key: _autotuned(*key) for key in CONFIGS}
+for _key, _tuner in _TUNED.items():
+    globals()["_tuned_" + "_".join(_key)] = _tuner
+del _key, _tuner
+
+
+def _head_class(block_d: int) -> str:
+    return str(max(32, block_d))
+
+
+def _group(dtype: torch.dtype) -> str:
+    return "16" if dtype in (torch.float16, torch.bfloat16) else "32"
+
+
+@contextlib.contextmanager
+def forced_config(kernel: str, config: triton.Config):
+    """Run ``kernel`` ("fwd", "dq", "dkdv") with ``config`` whatever the autotuner would pick (tests run every
+    GPU config through the interpreter this way)."""
+    tuners = [t for (k, _, _), t in _TUNED.items() if k == kernel]
+    _FORCED[kernel] = config
+    for t in tuners:
+        t.cache.clear()
+    try:
+        yield
+    finally:
+        del _FORCED[kernel]
+        for t in tuners:
+            t.cache.clear()
+
+
+def _launch(kernel: str, dtype: torch.dtype, block_d: int, grid, *args, **kwargs):
+    _TUNED[(kernel, _head_class(block_d), _group(dtype))][grid](*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,59 +415,106 @@ def _block_d(d: int) -> int:
     return max(16, common.next_pow2(d))
 
 
+def _block_h(d: int) -> int:
+    """Width of one part (the even or the odd features): tl.dot needs K >= 16."""
+    return max(16, common.next_pow2((d + 1) // 2))
+
+
 @functools.lru_cache(maxsize=64)
-def _rotary_tables(frames: int, d: int, device: torch.device, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
-    """cos, sin (frames, d // 2) of the rotary angles, from float64 angles; fp32 (fp64 for the fp64 oracle)."""
+def _theta_tables(frames: int, d: int, device: torch.device, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """cos, sin (frames, d // 2) of the default rotary angles pos * 10000^(-2i/d), from float64 angles; fp32
+    (fp64 for the fp64 oracle)."""
     ang = reference.rotary_angles(frames, d, device)
     return ang.cos().to(common.stats_dtype(dtype)).contiguous(), ang.sin().to(common.stats_dtype(dtype)).contiguous()
 
 
-def _tables(q: Tensor, k: Tensor, d: int, rotary: bool) -> Tuple[Tensor, Tensor]:
+def _freq_tables_uncached(freqs: Tensor, frames: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    ang = reference.rotary_freq_angles(freqs, frames).double()  # the angles rounded as upstream's, exact trig
+    return ang.cos().to(common.stats_dtype(dtype)).contiguous(), ang.sin().to(common.stats_dtype(dtype)).contiguous()
+
+
+# id(freqs) -> (weak reference to freqs, {(frames, dtype, data_ptr, version): (cos, sin)})
+_FREQ_TABLES: Dict[int, Tuple[weakref.ref, Dict[tuple, Tuple[Tensor, Tensor]]]] = {}
+
+
+def _freq_tables(freqs: Tensor, frames: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """cos, sin (frames, n) of the angles pos * freqs[i] (rounded in freqs' dtype, at least fp32, as upstream's
+    rotary), cached per freqs tensor while it lives and is not modified (its version counter and storage)."""
+    try:
+        key = (frames, dtype, freqs.data_ptr(), freqs._version)
+    except RuntimeError:  # inference tensors have no version counter; meta tensors no data
+        return _freq_tables_uncached(freqs, frames, dtype)
+    slot = _FREQ_TABLES.get(id(freqs))
+    if slot is None or slot[0]() is not freqs:
+        i = id(freqs)
+
+        def forget(ref, i=i):
+            if i in _FREQ_TABLES and _FREQ_TABLES[i][0] is ref:
+                del _FREQ_TABLES[i]
+        slot = _FREQ_TABLES[i] = (weakref.ref(freqs, forget), {})
+    tables = slot[1]
+    if key not in tables:
+        stale = [k for k in tables if k[1:] != key[1:] or len(tables) >= 8]
+        for k in stale:
+            del tables[k]
+        tables[key] = _freq_tables_uncached(freqs, frames, dtype)
+    return tables[key]
+
+
+def _tables(q: Tensor, k: Tensor, d: int, rotary: bool, freqs: Optional[Tensor]) -> Tuple[Tensor, Tensor, int]:
+    """(cos, sin, number of rotated pairs) for the kernels; dummies and 0 pairs without rotary."""
     if not rotary:
         dummy = torch.empty(1, device=q.device, dtype=common.stats_dtype(q.dtype))
-        return dummy, dummy
-    return _rotary_tables(max(q.shape[3], k.shape[3]), d, q.device, q.dtype)
+        return dummy, dummy, 0
+    frames = max(q.shape[3], k.shape[3])
+    if freqs is not None and freqs.shape[0] == 0:  # head dim 1: nothing to rotate
+        return _tables(q, k, d, False, None)
+    if freqs is None:
+        return (*_theta_tables(frames, d, q.device, q.dtype), d // 2)
+    return (*_freq_tables(freqs, frames, q.dtype), freqs.shape[0])
 
 
-def forward(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float, rotary: bool) -> Tuple[Tensor, Tensor]:
+def _meta(q: Tensor, d: int, n_pairs: int) -> dict:
+    return dict(ROTARY=n_pairs > 0, BLOCK_H=_block_h(d), BLOCK_D=_block_d(d), PRECISION=common.dot_precision(q.dtype))
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float, rotary: bool,
+            rotary_freqs: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """(out (B, C, F, Wq), lse (B, C, H, Wq) base-2 log-sum-exp, fp32)."""
     B, C, F, WQ = q.shape
     WK = k.shape[3]
     D = F // num_heads
-    BD = _block_d(D)
-    BM, BN, warps, stages = _blocks(BD)
     out = torch.empty((B, C, F, WQ), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, C, num_heads, WQ), device=q.device, dtype=common.stats_dtype(q.dtype))
-    _mca_fwd_kernel[(triton.cdiv(WQ, BM), C * num_heads, B)](
-        q, k, v, out, lse, *_tables(q, k, D, rotary), C, num_heads, D, WQ, WK, float(scale) * LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        ROTARY=bool(rotary), BM=BM, BN=BN, BLOCK_D=BD, PRECISION=PRECISION, num_warps=warps, num_stages=stages)
+    cos, sin, n_pairs = _tables(q, k, D, rotary, rotary_freqs)
+    _launch("fwd", q.dtype, _block_d(D), lambda m: (triton.cdiv(WQ, m["BM"]), C * num_heads, B),
+            q, k, v, out, lse, cos, sin, C, num_heads, D, n_pairs, WQ, WK, float(scale) * LOG2E,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), **_meta(q, D, n_pairs))
     return out, lse
 
 
 def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, num_heads: int, scale: float,
-             rotary: bool) -> Tuple[Tensor, Tensor, Tensor]:
+             rotary: bool, rotary_freqs: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     B, C, F, WQ = q.shape
     WK = k.shape[3]
     D = F // num_heads
-    BD = _block_d(D)
-    sd = common.stats_dtype(q.dtype)
     lse = lse.contiguous()  # the forward's own (B, C, H, WQ) output: a no-op for it
-    delta = (do.to(sd) * out.to(sd)).reshape(B, C, num_heads, D, WQ).sum(3).contiguous()
+    delta = torch.empty_like(lse)  # written by the dq kernel, read by the dk/dv kernel
     dq = torch.empty((B, C, F, WQ), device=q.device, dtype=q.dtype)
     dk = torch.empty((B, C, F, WK), device=q.device, dtype=q.dtype)
     dv = torch.empty_like(dk)
-    tables = _tables(q, k, D, rotary)
-    common_args = (C, num_heads, D, WQ, WK, float(scale) * LOG2E, float(scale),
-                   *q.stride(), *k.stride(), *v.stride(), *do.stride())
-    BM, BN, warps, stages = _blocks(BD, "dkdv", q.dtype in (torch.float32, torch.float64))
-    _mca_bwd_dkdv_kernel[(triton.cdiv(WK, BN), C * num_heads, B)](
-        q, k, v, do, lse, delta, *tables, dk, dv, *common_args, *dk.stride(), *dv.stride(), ROTARY=bool(rotary), BM=BM,
-        BN=BN, BLOCK_D=BD, PRECISION=PRECISION, num_warps=warps, num_stages=stages)
-    BM, BN, warps, stages = _blocks(BD, "dq", q.dtype in (torch.float32, torch.float64))
-    _mca_bwd_dq_kernel[(triton.cdiv(WQ, BM), C * num_heads, B)](
-        q, k, v, do, lse, delta, *tables, dq, *common_args, *dq.stride(), ROTARY=bool(rotary), BM=BM, BN=BN, BLOCK_D=BD,
-        PRECISION=PRECISION, num_warps=warps, num_stages=stages)
+    cos, sin, n_pairs = _tables(q, k, D, rotary, rotary_freqs)
+    meta = _meta(q, D, n_pairs)
+    sizes = (C, num_heads, D, n_pairs, WQ, WK, float(scale) * LOG2E, float(scale))
+    pre_rotate = n_pairs > 0 and _block_d(D) in PRE_ROTATED_Q_BLOCK_DS
+    qr = torch.empty_like(dq) if pre_rotate else dq  # dq: an unused placeholder
+    _launch("dq", q.dtype, _block_d(D), lambda m: (triton.cdiv(WQ, m["BM"]), C * num_heads, B),
+            q, k, v, out, do, lse, delta, cos, sin, dq, qr, *sizes, *q.stride(), *k.stride(), *v.stride(),
+            *out.stride(), *do.stride(), *dq.stride(), STORE_QR=pre_rotate, **meta)
+    q_in = qr if pre_rotate else q
+    _launch("dkdv", q.dtype, _block_d(D), lambda m: (triton.cdiv(WK, m["BN"]), C * num_heads, B),
+            q_in, k, v, do, lse, delta, cos, sin, dk, dv, *sizes, *q_in.stride(), *k.stride(), *v.stride(),
+            *do.stride(), *dk.stride(), *dv.stride(), ROTATE_Q=n_pairs > 0 and not pre_rotate, **meta)
     return dq, dk, dv
 
 
@@ -361,43 +523,48 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
 
 
 @torch.library.custom_op("ftkernels::multichannel_attention", mutates_args=())
-def _mca_op(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float, rotary: bool) -> Tuple[Tensor, Tensor]:
-    return forward(q, k, v, num_heads, scale, rotary)
+def _mca_op(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float, rotary: bool,
+            rotary_freqs: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    return forward(q, k, v, num_heads, scale, rotary, rotary_freqs)
 
 
 @_mca_op.register_fake
-def _(q, k, v, num_heads, scale, rotary):
+def _(q, k, v, num_heads, scale, rotary, rotary_freqs=None):
     B, C, F, WQ = q.shape
     return q.new_empty((B, C, F, WQ)), q.new_empty((B, C, num_heads, WQ), dtype=common.stats_dtype(q.dtype))
 
 
 @torch.library.custom_op("ftkernels::multichannel_attention_backward", mutates_args=())
 def _mca_backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, num_heads: int,
-                     scale: float, rotary: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    return backward(do, q, k, v, out, lse, num_heads, scale, rotary)
+                     scale: float, rotary: bool, rotary_freqs: Optional[Tensor] = None
+                     ) -> Tuple[Tensor, Tensor, Tensor]:
+    return backward(do, q, k, v, out, lse, num_heads, scale, rotary, rotary_freqs)
 
 
 @_mca_backward_op.register_fake
-def _(do, q, k, v, out, lse, num_heads, scale, rotary):
+def _(do, q, k, v, out, lse, num_heads, scale, rotary, rotary_freqs=None):
     B, C, F, WQ = q.shape
     WK = k.shape[3]
     return q.new_empty((B, C, F, WQ)), q.new_empty((B, C, F, WK)), q.new_empty((B, C, F, WK))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, num_heads, scale, rotary = inputs
+    q, k, v, num_heads, scale, rotary, rotary_freqs = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, rotary_freqs)
     ctx.num_heads, ctx.scale, ctx.rotary = num_heads, scale, rotary
+    # lse is saved for backward only: no gradient flows into it, and autograd must not allocate a zero
+    # gradient for it (nor for out when only lse were used): unused output gradients arrive as None
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, rotary_freqs = ctx.saved_tensors
     if dout is None:
-        return None, None, None, None, None, None
-    dq, dk, dv = _mca_backward_op(dout, q, k, v, out, lse, ctx.num_heads, ctx.scale, ctx.rotary)
-    return dq, dk, dv, None, None, None
+        return None, None, None, None, None, None, None
+    dq, dk, dv = _mca_backward_op(dout, q, k, v, out, lse, ctx.num_heads, ctx.scale, ctx.rotary, rotary_freqs)
+    return dq, dk, dv, None, None, None, None
 
 
 _mca_op.register_autograd(_backward, setup_context=_setup_context)
@@ -407,7 +574,7 @@ _mca_op.register_autograd(_backward, setup_context=_setup_context)
 # public API
 
 
-def check_inputs(q, k, v, num_heads, scale, rotary) -> None:
+def check_inputs(q, k, v, num_heads, scale, rotary, rotary_freqs=None) -> None:
     common.check_tensor(q, "q", 4, "(B, C, F, Wq)")
     common.check_tensor(k, "k", 4, "(B, C, F, Wk)")
     common.check_tensor(v, "v", 4, "(B, C, F, Wk)")
@@ -429,9 +596,27 @@ def check_inputs(q, k, v, num_heads, scale, rotary) -> None:
     if num_heads < 1 or F % num_heads != 0:
         raise ValueError(f"num_heads must be a positive divisor of the feature count F={F}, got {num_heads}")
     d = F // num_heads
-    if rotary and d % 2 != 0:
+    if rotary_freqs is not None:
+        if not rotary:
+            raise ValueError("rotary_freqs was given but rotary=False; pass rotary=True to rotate q and k by it")
+        if not isinstance(rotary_freqs, Tensor):
+            raise TypeError(f"rotary_freqs must be a torch.Tensor of shape (head_dim // 2,), "
+                            f"got {type(rotary_freqs).__name__}")
+        if rotary_freqs.dim() != 1 or rotary_freqs.shape[0] != d // 2:
+            raise ValueError(f"rotary_freqs must have shape (head_dim // 2,) = ({d // 2},) for F / num_heads = "
+                             f"{F} / {num_heads} = {d}, got {tuple(rotary_freqs.shape)}")
+        if not rotary_freqs.is_floating_point():
+            raise TypeError(f"rotary_freqs must be a floating tensor, got {rotary_freqs.dtype}")
+        if rotary_freqs.device != q.device:
+            raise ValueError(f"rotary_freqs is on {rotary_freqs.device} but q is on {q.device}; they must share a "
+                             "device")
+        if rotary_freqs.requires_grad and torch.is_grad_enabled():
+            raise ValueError("rotary_freqs requires grad, but no gradient flows to the rotary frequencies; pass "
+                             "rotary_freqs.detach() (or a buffer)")
+    elif rotary and d % 2 != 0:
         raise ValueError(f"rotary needs an even head dim, got F / num_heads = {F} / {num_heads} = {d}; "
-                         "change num_heads or pass rotary=False")
+                         "change num_heads, pass rotary=False, or pass rotary_freqs (an odd head dim's last "
+                         "feature is then not rotated)")
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
             raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
@@ -440,25 +625,31 @@ def check_inputs(q, k, v, num_heads, scale, rotary) -> None:
 
 
 def multichannel_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: Optional[float] = None,
-                           rotary: bool = True, backend: Optional[str] = None) -> Tensor:
+                           rotary: bool = True, backend: Optional[str] = None,
+                           rotary_freqs: Optional[Tensor] = None) -> Tensor:
     """Per (batch, channel, head) softmax attention over frames, rotary on q and k.
 
     q (B, C, F, Wq); k, v (B, C, F, Wk) -> (B, C, F, Wq). Head h uses features [h*d, (h+1)*d), d = F / num_heads;
     scale defaults to 1/sqrt(d). Softmax in fp32 whatever the input dtype.
+
+    Rotary rotates the feature pairs (2i, 2i+1) of every head by the angle ``frame * freq_i``: by default
+    ``freq_i = 10000^(-2i/d)`` in float64; ``rotary_freqs`` (d // 2,) gives the frequencies instead (e.g. a
+    checkpoint's stored table: the angles are then rounded in its dtype, at least fp32, as upstream's rotary
+    computes them, and an odd head dim's last feature is not rotated). No gradient flows to ``rotary_freqs``.
     """
     if all(isinstance(t, Tensor) for t in (q, k, v)):
         q, k, v = common.autocast_inputs(q, k, v)
-    check_inputs(q, k, v, num_heads, scale, rotary)
+    check_inputs(q, k, v, num_heads, scale, rotary, rotary_freqs)
     num_heads = int(num_heads)
     d = q.shape[2] // num_heads
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if not common.use_triton(q, backend, "multichannel_attention"):
-        return reference.multichannel_attention(q, k, v, num_heads, scale, bool(rotary))
+        return reference.multichannel_attention(q, k, v, num_heads, scale, bool(rotary), rotary_freqs)
     common.kernel_dtype_ok(q, "q")
     if d > MAX_HEAD_DIM:
         raise ValueError(f"the Triton kernels take head dims up to {MAX_HEAD_DIM}, got F / num_heads = {d}; "
                          "use more heads or backend='reference'")
-    return _mca_op(q, k, v, num_heads, scale, bool(rotary))[0]
+    return _mca_op(q, k, v, num_heads, scale, bool(rotary), rotary_freqs)[0]
 
 
 class MultichannelMultiheadAttention(common.BackendAttribute, nn.Module):
@@ -503,23 +694,3 @@ class MultichannelMultiheadAttention(common.BackendAttribute, nn.Module):
     def extra_repr(self) -> str:
         return (f"channels={self.channels}, num_heads={self.num_heads}, features={self.features}, "
                 f"rotary={self.rotary}, scale={self.scale:.4g}")
-
-
-# ----------------------------------------------------------------------------------------------
-# compile gate: every specialization the launch code above can pick
-
-
-def compile_specializations() -> List[Specialization]:
-    out = []
-    floats_fwd = ("qk_scale",)
-    floats_bwd = ("qk_scale", "scale")
-    for dt in ("fp32", "fp16", "bf16"):
-        for bd in BLOCK_DS:
-            for rot in (False, True):
-                for kernel, name, floats in (("fwd", "_mca_fwd_kernel", floats_fwd),
-                                             ("dkdv", "_mca_bwd_dkdv_kernel", floats_bwd),
-                                             ("dq", "_mca_bwd_dq_kernel", floats_bwd)):
-                    BM, BN, warps, stages = _blocks(bd, kernel, dt == "fp32")
-                    cx = dict(ROTARY=rot, BM=BM, BN=BN, BLOCK_D=bd, PRECISION=PRECISION)
-                    out.append(spec(__name__, name, dt, cx, floats=floats, num_warps=warps, num_stages=stages))
-    return out

@@ -70,10 +70,32 @@ def rotary_angles(n: int, head_dim: int, device=None, theta: float = 10000.0) ->
     return torch.arange(n, dtype=torch.float64, device=device)[:, None] * inv_freq[None, :]
 
 
-def apply_rotary(t: Tensor, theta: float = 10000.0) -> Tensor:
+def rotary_freq_angles(freqs: Tensor, n: int) -> Tensor:
+    """(n, len(freqs)) angles pos * freqs[i] for frames pos < n, computed in freqs' dtype (at least fp32): the
+    rounding of upstream's rotary (rotary-embedding-torch) for its stored frequency table."""
+    dt = torch.promote_types(freqs.dtype, torch.float32)
+    return torch.arange(n, device=freqs.device, dtype=dt)[:, None] * freqs.to(dt)[None, :]
+
+
+def apply_rotary(t: Tensor, theta: float = 10000.0, freqs: Optional[Tensor] = None) -> Tensor:
     """Interleaved-pairs rotary embedding over frames. t (..., W, d): pairs (2i, 2i+1) of the last
-    dim rotated by angle pos * theta^(-2i/d) (as rotary-embedding-torch's rotate_queries_or_keys)."""
+    dim rotated by angle pos * theta^(-2i/d) (as rotary-embedding-torch's rotate_queries_or_keys).
+
+    With ``freqs`` (n,), n = d // 2: angles pos * freqs[i] rounded as upstream's (:func:`rotary_freq_angles`),
+    cos/sin and the rotation in t's dtype promoted to at least fp32, returned in t's dtype; an odd d's last
+    feature is not rotated (rotary-embedding-torch's stored-table rotation, upstream's v4 model)."""
     n, d = t.shape[-2], t.shape[-1]
+    if freqs is not None:
+        npairs = freqs.shape[0]
+        dt = torch.promote_types(t.dtype, torch.float32)
+        ang = rotary_freq_angles(freqs, n).to(dt)
+        cos, sin = ang.cos(), ang.sin()
+        x = t.to(dt)
+        x0, x1 = x[..., 0:2 * npairs:2], x[..., 1:2 * npairs:2]
+        out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
+        if 2 * npairs < d:
+            out = torch.cat((out, x[..., 2 * npairs:]), dim=-1)
+        return out.to(t.dtype)
     ang = rotary_angles(n, d, t.device, theta)
     cos, sin = ang.cos().to(t.dtype), ang.sin().to(t.dtype)
     x0, x1 = t[..., 0::2], t[..., 1::2]
@@ -87,12 +109,13 @@ def _split_heads(t: Tensor, num_heads: int) -> Tensor:
 
 
 def multichannel_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: Optional[float] = None,
-                           rotary: bool = True) -> Tensor:
+                           rotary: bool = True, rotary_freqs: Optional[Tensor] = None) -> Tensor:
     """Per (batch, channel, head) softmax attention over frames.
 
     q (B, C, F, W_q); k, v (B, C, F, W_k) (memory attention when W_k != W_q or k is another tensor).
     Head h takes features [h*d, (h+1)*d), d = F // num_heads. Rotary on q and k over their own frame
-    index. scale defaults to 1/sqrt(d). Scores and softmax in float32 (float64 stays float64).
+    index (by the angles pos * 10000^(-2i/d), or pos * rotary_freqs[i]: :func:`apply_rotary`). scale defaults to
+    1/sqrt(d). Scores and softmax in float32 (float64 stays float64).
     Returns (B, C, F, W_q) in q's dtype.
     """
     b, c, f, wq = q.shape
@@ -100,7 +123,7 @@ def multichannel_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scal
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     qh, kh, vh = (_split_heads(t, num_heads) for t in (q, k, v))
     if rotary:
-        qh, kh = apply_rotary(qh), apply_rotary(kh)
+        qh, kh = apply_rotary(qh, freqs=rotary_freqs), apply_rotary(kh, freqs=rotary_freqs)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     s = torch.matmul(qh.to(acc), kh.to(acc).transpose(-1, -2)) * scale
     o = torch.matmul(torch.softmax(s, dim=-1), vh.to(acc))  # (B, C, H, W_q, d)

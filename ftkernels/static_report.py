@@ -511,7 +511,10 @@ class Analysis:
         return seen
 
     def select(self, workload: str, dtype: str) -> List[int]:
-        return [i for i, l in enumerate(self.launches) if l.workload == workload and l.dtype == dtype]
+        """The launches of a workload in a dtype, an autotuned call once (its first config: the recorder records
+        one launch per config so that the gate builds them all, but the call runs one)."""
+        return [i for i, l in enumerate(self.launches) if l.workload == workload and l.dtype == dtype
+                and not l.autotune]
 
     # ---- per workload
     def step_prediction(self, workload: str, dtype: str, arch: int) -> dict:

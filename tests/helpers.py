@@ -117,14 +117,19 @@ class OpCase:
             out[name] = t.to(device=device, dtype=dtype).requires_grad_(requires_grad)
         return out
 
+    def fixed(self, args: Dict[str, torch.Tensor]) -> Dict[str, object]:
+        """The fixed arguments; tensors among them (attention's rotary_freqs) on the arguments' device."""
+        dev = next(iter(args.values())).device
+        return {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in self.kwargs.items()}
+
     def __call__(self, args: Dict[str, torch.Tensor], backend: Optional[str]) -> torch.Tensor:
-        return self.fn(**args, **self.kwargs, backend=backend)
+        return self.fn(**args, **self.fixed(args), backend=backend)
 
     def torch_low(self, args: Dict[str, torch.Tensor]) -> torch.Tensor:
         """The PyTorch op in the arguments' (low) precision, for FlashAttention's rule."""
         if self.torch_op is None:
             return self(args, "reference")
-        return self.torch_op(**args, **self.kwargs)
+        return self.torch_op(**args, **self.fixed(args))
 
     def grad_out(self, out: torch.Tensor, seed: Optional[int] = None) -> torch.Tensor:
         g = torch.Generator().manual_seed(TEST_SEED + 1 if seed is None else seed)
@@ -137,14 +142,14 @@ def layer_norm_low_precision(x, weight, bias, eps=1e-5):
     return y * weight[:, :, None] + bias[:, :, None]
 
 
-def sdpa_low_precision(q, k, v, num_heads, scale=None, rotary=True):
-    """PyTorch's own attention op (SDPA) in the inputs' precision, rotary applied in that precision too:
-    multichannel attention's PyTorch formulation."""
+def sdpa_low_precision(q, k, v, num_heads, scale=None, rotary=True, rotary_freqs=None):
+    """PyTorch's own attention op (SDPA) in the inputs' precision, rotary applied in that precision too (a
+    stored table's rotation in fp32, as the v4 model's): multichannel attention's PyTorch formulation."""
     from ftkernels import reference
 
     qh, kh, vh = (reference._split_heads(t, num_heads) for t in (q, k, v))
     if rotary:
-        qh, kh = reference.apply_rotary(qh), reference.apply_rotary(kh)
+        qh, kh = reference.apply_rotary(qh, freqs=rotary_freqs), reference.apply_rotary(kh, freqs=rotary_freqs)
     d = q.shape[2] // num_heads
     o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, scale=1 / math.sqrt(d) if scale is None
                                                          else scale)
@@ -179,6 +184,11 @@ OP_CASES = [
     OpCase("squared_relu_ffn-positionwise", ftkernels.squared_relu_ffn, _ffn_shapes(dw2=10)),
     OpCase("multichannel_attention", ftkernels.multichannel_attention,
            dict(q=(1, 2, 8, 7), k=(1, 2, 8, 5), v=(1, 2, 8, 5)), dict(num_heads=2), torch_op=sdpa_low_precision),
+    # a stored rotary table (the v4 model's), odd head dim 5: two rotated pairs, the last feature as is
+    OpCase("multichannel_attention-freqs", ftkernels.multichannel_attention,
+           dict(q=(1, 2, 10, 7), k=(1, 2, 10, 5), v=(1, 2, 10, 5)),
+           dict(num_heads=2, rotary_freqs=torch.tensor([1.0, 0.15], dtype=torch.float32)),
+           torch_op=sdpa_low_precision),
 ]
 
 

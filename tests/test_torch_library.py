@@ -67,12 +67,16 @@ def _ffn(case_id, layout):
 
 
 def _attention(case_id, layout):
-    a = _views(CASE[case_id].make(), layout)
-    fwd = (a["q"], a["k"], a["v"], 2, 0.5, True)
+    case = CASE[case_id]
+    a = _views(case.make(), layout)
+    freqs = case.fixed(a).get("rotary_freqs")
+    if freqs is not None and layout != "contiguous":
+        freqs = as_layout(freqs, "step2")
+    fwd = (a["q"], a["k"], a["v"], 2, 0.5, True, freqs)
     out, lse = ops.multichannel_attention(*_detached(fwd))
     if layout != "contiguous":
         out, lse = as_layout(out, "transposed"), as_layout(lse, "step2")
-    bwd = (_grad_like(out, layout), *_detached(fwd[:3]), out, lse, 2, 0.5, True)
+    bwd = (_grad_like(out, layout), *_detached(fwd[:3]), out, lse, 2, 0.5, True, freqs)
     return [(ops.multichannel_attention.default, fwd), (ops.multichannel_attention_backward.default, bwd)]
 
 
@@ -80,6 +84,7 @@ BUILDERS = [
     ("multichannel_linear-fused", _mcl), ("multichannel_linear-two_pass", _mcl),
     ("multichannel_linear-depthwise", _mcl), ("frame_norm", _frame_norm), ("squared_relu_ffn-fused", _ffn),
     ("squared_relu_ffn-two_pass", _ffn), ("multichannel_attention", _attention),
+    ("multichannel_attention-freqs", _attention),
 ]
 OP_PARAMS = [pytest.param(cid, b, which, layout, id=f"{cid}-{which}-{layout}")
              for cid, b in BUILDERS for which in ("forward", "backward") for layout in ("contiguous", "views")]
