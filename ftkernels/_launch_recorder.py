@@ -123,6 +123,8 @@ class OpCall:
 def _describe_tree(v):
     if isinstance(v, (list, tuple)):
         return [_describe_tree(x) for x in v]
+    if isinstance(v, torch.dtype):  # an op's dtype argument (frame_norm's out_dtype)
+        return ["dtype", TORCH_TO_TRITON.get(v, str(v))]
     try:
         return describe(v)
     except TypeError:

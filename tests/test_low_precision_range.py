@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import ftkernels
-from helpers import LOW_PRECISION, OpCase, _ffn_shapes, assert_low_precision_ok, case_args, \
-    layer_norm_low_precision, sdpa_low_precision
+from helpers import LOW_PRECISION, OpCase, _ffn_shapes, assert_low_precision_ok, case_args, frame_norm_channels_last, \
+    layer_norm_low_precision, layer_norm_low_precision_channels_last, sdpa_low_precision
 
 RANGE_CASES = [
     OpCase("multichannel_linear-fused", ftkernels.multichannel_linear,
@@ -30,6 +30,9 @@ RANGE_CASES = [
            dict(x=(2, 3, 24, 37), weight_pw=(3, 40, 24), weight_dw=(12, 3), bias_pw=(3, 40), bias_dw=(12,))),
     OpCase("frame_norm", ftkernels.frame_norm, dict(x=(2, 3, 40, 37), weight=(3, 40), bias=(3, 40)),
            torch_op=layer_norm_low_precision),
+    OpCase("frame_norm-channels_last", frame_norm_channels_last, dict(x=(2, 18, 40, 21), weight=(18, 40),
+                                                                      bias=(18, 40)),
+           torch_op=layer_norm_low_precision_channels_last),
     OpCase("squared_relu_ffn-fused", ftkernels.squared_relu_ffn, _ffn_shapes(C1=4, dw2=3, F=24, W=37, H=48, F2=20)),
     OpCase("squared_relu_ffn-two_pass", ftkernels.squared_relu_ffn, _ffn_shapes(C1=12, F=24, W=37, H=48, F2=20)),
     OpCase("multichannel_attention", ftkernels.multichannel_attention,
