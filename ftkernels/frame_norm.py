@@ -290,9 +290,9 @@ def _warps(elements: int, lo: int = 4, hi: int = 8) -> int:
 
 
 def _channel_tile(C: int) -> Tuple[int, int]:
-    """(BC, BW) of a channels-last tile: up to CHANNEL_BLOCK channels, 256 columns."""
-    BC = min(CHANNEL_BLOCK, triton.next_power_of_2(C))
-    return BC, 256 // BC
+    """(BC, BW) of a channels-last tile: up to CHANNEL_BLOCK channels of 16 frames (a 32-64 B row of x along
+    frames, BC x 16 contiguous elements of the channels-last tensor)."""
+    return min(CHANNEL_BLOCK, triton.next_power_of_2(C)), 16
 
 
 def fwd_tiles(F: int, C: int = 1, channels_last: bool = False, load_stats: bool = False) -> Tiles:
@@ -305,8 +305,8 @@ def fwd_tiles(F: int, C: int = 1, channels_last: bool = False, load_stats: bool 
     if channels_last:  # the tile changes layout through shared memory on its way out: half the resident size
         BC, BW = _channel_tile(C)
         if Fp * BC * BW <= RESIDENT_FWD // 2:
-            return Tiles(Fp, BC, BW, True, 8)
-        return Tiles(16, BC, BW, False, 4)
+            return Tiles(Fp, BC, BW, True, _warps(2 * Fp * BC * BW))
+        return Tiles(min(Fp, 4096 // (BC * BW)), BC, BW, False, 4)
     if Fp * 16 <= RESIDENT_FWD:
         BW = max(16, min(64, RESIDENT_FWD // Fp))
         warps = _warps(Fp * BW)
@@ -321,8 +321,8 @@ def bwd_tiles(F: int, C: int = 1, channels_last: bool = False) -> Tiles:
     if channels_last:  # dy changes layout through shared memory on its way in: half the resident size
         BC, BW = _channel_tile(C)
         if Fp * BC * BW <= RESIDENT_BWD // 2:
-            return Tiles(Fp, BC, BW, True, 8)
-        return Tiles(8, BC, BW, False, 8)
+            return Tiles(Fp, BC, BW, True, _warps(4 * Fp * BC * BW))
+        return Tiles(min(Fp, 2048 // (BC * BW)), BC, BW, False, 8)
     if Fp * 8 <= RESIDENT_BWD:
         BW = max(8, min(64, RESIDENT_BWD // Fp))
         return Tiles(Fp, 1, BW, True, _warps(2 * Fp * BW, hi=16))
