@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ftkernels import FrameNorm, MultichannelLinear, SquaredReLUFeedForward
+from ftkernels import FrameNorm, MultichannelLinear, SquaredReLU, SquaredReLUFeedForward
 from ftkernels._common import autocast_dtype, use_triton
 
 try:
@@ -166,6 +166,7 @@ class ConvResBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, stride=stride, bias=False)
         self.identity = (nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False)
                          if in_channels != out_channels or downsample else nn.Identity())
+        self.activation = SquaredReLU(backend=backend)  # no parameters: the state_dict is upstream's
 
     def _conv_input(self, x: Tensor) -> dict:
         """The norm's output format: what conv1 reads, when the kernels write it (see the class docstring)."""
@@ -175,7 +176,7 @@ class ConvResBlock(nn.Module):
         return dict(out_dtype=dtype, memory_format=torch.channels_last)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv2(torch.relu(self.conv1(self.norm(x, **self._conv_input(x)))).square())
+        h = self.conv2(self.activation(self.conv1(self.norm(x, **self._conv_input(x)))))
         return self.identity(x) + h
 
 

@@ -194,6 +194,8 @@ FLOP_MODELS: Dict[str, Callable[[Dict[str, list], List[int]], float]] = {
     "_frame_norm_fwd_kernel": lambda a, g: 8 * _val(a["F"]) * _val(a["W"]) * _val(a["C"]) * g[2],
     "_frame_norm_bwd_kernel": lambda a, g: 12 * _val(a["F"]) * _val(a["W"]) * _val(a["C"]) * g[2],
     "_partial_sum_kernel": lambda a, g: 2 * _val(a["ROWS"]) * _val(a["N"]),
+    "_squared_relu_fwd_kernel": lambda a, g: 2 * _val(a["N"]),
+    "_squared_relu_bwd_kernel": lambda a, g: 3 * _val(a["N"]),
     "_mca_fwd_kernel": _attn(2),  # S = QK^T, O = PV
     "_mca_bwd_dkdv_kernel": _attn(4),  # S, dV = P^T dO, dP = dO V^T, dK = dS^T Q
     "_mca_bwd_dq_kernel": _attn(3),  # S, dP, dQ = dS K
@@ -416,6 +418,12 @@ def torch_composition(call: dict) -> List[Piece]:
         out_dtype = a.get("out_dtype")
         return _norm_pieces(_t(a, "x"), backward, out_dtype[1] if out_dtype and out_dtype[0] == "dtype" else None,
                             _t(a, "dy"))
+    if base == "squared_relu":  # torch.compile fuses relu and square: one read and one write each way
+        x = _t(a, "x")
+        n = _bytes(x)
+        if backward:
+            return [Piece("compiled relu^2 backward", "memory", 3 * n / x[5], 2 * n + _bytes(_t(a, "dy")))]
+        return [Piece("compiled relu^2", "memory", 2 * n / x[5], 2 * n)]
     if base == "squared_relu_ffn":
         return _ffn_pieces(a, backward)
     if base == "multichannel_attention":
@@ -677,7 +685,7 @@ def _ms(s: float) -> str:
 
 
 CLASS_NAMES = {"multichannel_linear": "multichannel linear", "squared_relu_ffn": "squared-ReLU feed-forward",
-               "frame_norm": "frame norm", "multichannel_attention": "attention"}
+               "frame_norm": "frame norm", "squared_relu": "squared ReLU (v4 conv blocks)", "multichannel_attention": "attention"}
 
 
 def spec_table(rows: List[dict]) -> List[str]:
