@@ -142,19 +142,31 @@ class ConvResBlock(nn.Module):
     conv1, conv2: 3x3 over (frequency, frames), zero padding 1, no bias; with ``downsample`` conv2 and the identity
     have stride s = (2, 1). The identity is a 1x1 conv (no bias) whenever the channels change or it downsamples.
 
-    On the Triton path the norm writes exactly what conv1 reads: the autocast dtype, channels-last (memory
-    order B, F, W, C). cuDNN's tensor-core convolutions work in NHWC and transpose NCHW tensors in and out
-    (NVIDIA's guidance for channels_last); channels-last in, conv1, relu^2 and conv2 stay channels-last with
-    no transpose, and the residual add reads h in place (one layout change, where it is summed into the
-    contiguous identity). Byte model at the ``v4`` preset's training step (B 8, W 256, bf16; the 11 blocks
-    read Sx = 1.13 G norm inputs, make S1 = 0.83 G conv1 outputs and S2 = 0.59 G block outputs): forward
-    28.3 GB of norm + layout + elementwise traffic (norm 4 B Sx, conv1 in/out transposes 4 B Sx + 4 B S1,
-    relu and square 8 B S1, conv2 in/out 4 B S1 + 4 B S2, add 6 B S2) becomes 14.7-17.0 GB (norm 4-6 B Sx:
-    channels-last tiles stream x twice, relu and square 8 B S1, add 6 B S2); backward 38.2 GB becomes 23.7 GB
-    (no transposes around the conv gradients, the norm reads the channels-last dy directly). About 25 GB a
-    step, 9 ms at 80% of an H100's 3.35 TB/s, beside roughly 16 ms of conv math (3.9 TFLOP forward, twice
-    that backward, at 70% of the bf16 peak). A prediction, not a measurement: benchmarks/test_bench_model.py
-    times it on the first GPU. The reference path (CPU) keeps the contiguous layout and x's dtype.
+    On the Triton path the norm writes exactly what conv1 reads -- the autocast dtype, channels-last (memory
+    order B, F, W, C) -- and relu^2 is one kernel each way (:func:`ftkernels.squared_relu`). cuDNN's tensor-core
+    convolutions work in NHWC and transpose NCHW tensors in and out (NVIDIA's guidance behind channels_last), so
+    channels-last in keeps conv1, relu^2 and conv2 channels-last with no transpose; the one layout change is
+    the residual add reading h in place. Byte model at the ``v4`` preset's training step (B 8, W 256, bf16: the
+    11 blocks' norms read Sx = 1.13 G elements, conv1 makes S1 = 0.83 G, the blocks return S2 = 0.59 G), the
+    traffic around the convs:
+
+    ======================  ===================================  =====================================
+    per step                NCHW (resident norm, eager relu^2)   channels-last + squared_relu (this)
+    ======================  ===================================  =====================================
+    forward                 28.3 GB: norm 4 B Sx, conv1 in/out   11.3-13.6 GB: norm 4-6 B Sx (the
+                            transposes 4 B Sx + 4 B S1, relu,    channels-last tiles stream x twice,
+                            square 8 B S1, conv2 in/out 4 B S1   the second pass partly from L2),
+                            + 4 B S2, add 6 B S2                 relu^2 4 B S1, add 6 B S2
+    backward                38.2 GB: dy to NHWC 4 B S2, conv2    14.2-18.7 GB: dy to NHWC 4 B S2,
+                            input/dgrad 8 B S1, relu/square      relu^2 6 B S1, norm (dy channels-
+                            12 B S1, conv1 grad/input/dgrad      last, read twice) 6-10 B Sx
+                            4 B S1 + 8 B Sx, norm 6 B Sx
+    ======================  ===================================  =====================================
+
+    34-41 GB less a step, 13-15 ms at 80% of an H100's 3.35 TB/s (relu^2's share: 8.3 GB, 3.1 ms; under
+    torch.compile PyTorch fuses it too), beside about 16 ms of conv math (3.9 TFLOP forward, twice that
+    backward, at 70% of the bf16 peak). A prediction, not a measurement: benchmarks/test_bench_model.py times
+    it on the first GPU. The reference path (CPU) keeps the contiguous layout and x's dtype.
     """
 
     def __init__(self, in_channels: int, out_channels: int, features: int, downsample: bool = False,
