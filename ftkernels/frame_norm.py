@@ -18,7 +18,10 @@ sums and costs no digits, and the variance is a centred sum of squares (no E[x^2
   (C = 2-4, B = 8, W = 256) run 256-512 programs, about 2-4 per SM of an H100.
 * **Chunked** (larger F): x is streamed in BF-feature chunks; the statistics pass merges each chunk's mean
   and centred sum of squares with Chan et al.'s parallel update; y (and dx) are written by a second pass that
-  walks the chunks backwards, so its first chunks are the ones the first pass left in L2.
+  walks the chunks backwards, so its first chunks are the ones the first pass left in L2. Every chunk loop
+  is software-pipelined (``tl.range(num_stages=STAGES)``, 2 stages): the next chunk's loads are in flight as
+  cp.async copies (LDGSTS in the sm_80/sm_90 SASS) while this one is reduced. Channels-last chunks hold 8K
+  elements forward, 4K backward, at 16 warps (fewer, longer chunks; about 16 values a thread in flight).
 
 ``_frame_norm_fwd_kernel`` stores mean/rstd (B, C, W) fp32 (fp64 for the float64 interpreter oracle) for
 backward and the feed-forward's fused-norm prologue (``STORE_Y=False``), or reads them (``LOAD_STATS``: the
@@ -70,7 +73,7 @@ from ftkernels._common import Specialization, spec
 def _frame_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_f32_ptr, rstd_f32_ptr, C, F, W, eps,
                            s_xb, s_xc, s_xf, s_xw, s_wc, s_wf, s_bc, s_bf, s_yb, s_yc, s_yf, s_yw,
                            STORE_Y: tl.constexpr, LOAD_STATS: tl.constexpr, RESIDENT: tl.constexpr,
-                           BF: tl.constexpr, BC: tl.constexpr, BW: tl.constexpr):
+                           BF: tl.constexpr, BC: tl.constexpr, BW: tl.constexpr, STAGES: tl.constexpr = 2):
     """grid (W-blocks, C-blocks, B). Statistics mean/rstd (B, C, W) contiguous fp32: computed and stored, or
     with LOAD_STATS read from an earlier pass. RESIDENT (BF >= F): the whole (F x BC x BW) block is loaded
     once and kept on chip, y is written from it (one read of x); otherwise x is streamed in BF-feature
@@ -108,7 +111,7 @@ def _frame_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_f32_ptr, rstd_f32_pt
             # in registers), merged into the running ones with Chan et al.'s parallel update
             mean_s = tl.zeros((BC, BW), dtype=ACC)
             m2 = tl.zeros((BC, BW), dtype=ACC)
-            for f0 in range(0, F, BF):
+            for f0 in tl.range(0, F, BF, num_stages=STAGES):
                 offs_f = f0 + tl.arange(0, BF)
                 m = (offs_f[:, None, None] < F) & mask_cw[None, :, :]
                 xs = tl.load(x_col[None, :, :] + offs_f[:, None, None] * s_xf, mask=m, other=0.0).to(ACC)
@@ -134,7 +137,7 @@ def _frame_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_f32_ptr, rstd_f32_pt
             tl.store(y_col[None, :, :] + offs_f[:, None, None] * s_yf, y.to(y_ptr.dtype.element_ty), mask=m)
         else:
             n_chunks = tl.cdiv(F, BF)
-            for i in range(n_chunks):
+            for i in tl.range(0, n_chunks, num_stages=STAGES):
                 offs_f = (n_chunks - 1 - i) * BF + tl.arange(0, BF)
                 mask_fc = (offs_f[:, None, None] < F) & (offs_c[None, :, None] < C)
                 m = (offs_f[:, None, None] < F) & mask_cw[None, :, :]
@@ -151,7 +154,8 @@ def _frame_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_f32_ptr, rstd_f32_pt
 def _frame_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_f32_ptr, rstd_f32_ptr, dx_ptr, part_f32_ptr,
                            C, F, W, W_BLOCKS, s_gb, s_gc, s_gf, s_gw, s_xb, s_xc, s_xf, s_xw, s_wc, s_wf,
                            s_db, s_dc, s_df, s_dw,
-                           RESIDENT: tl.constexpr, BF: tl.constexpr, BC: tl.constexpr, BW: tl.constexpr):
+                           RESIDENT: tl.constexpr, BF: tl.constexpr, BC: tl.constexpr, BW: tl.constexpr,
+                           STAGES: tl.constexpr = 2):
     """grid (W-groups, C-blocks, B): a program takes W_BLOCKS consecutive BW-frame blocks (RESIDENT) or one.
     dx = rstd * (g - mean_F(g) - xhat * mean_F(g * xhat)), g = dy * weight. RESIDENT: dy and x loaded once
     per block and kept on chip; otherwise streamed twice in BF chunks. The program's partial d weight =
@@ -208,7 +212,7 @@ def _frame_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_f32_ptr, rstd_f32_ptr, dx_
         sum_g = tl.zeros((BC, BW), dtype=ACC)
         sum_gx = tl.zeros((BC, BW), dtype=ACC)
         n_chunks = tl.cdiv(F, BF)
-        for i in range(n_chunks):
+        for i in tl.range(0, n_chunks, num_stages=STAGES):
             offs_f = i * BF + tl.arange(0, BF)
             mask_fc = (offs_f[:, None] < F) & mask_c[None, :]
             m = (offs_f[:, None, None] < F) & mask_cw[None, :, :]
@@ -225,7 +229,7 @@ def _frame_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, mean_f32_ptr, rstd_f32_ptr, dx_
         mean_g = sum_g / F
         mean_gx = sum_gx / F
         d_col = d_b + offs_w[None, :] * s_dw
-        for i in range(n_chunks):  # backwards: the last chunks of pass 1 are still in L2
+        for i in tl.range(0, n_chunks, num_stages=STAGES):  # backwards: the last chunks of pass 1 are still in L2
             offs_f = (n_chunks - 1 - i) * BF + tl.arange(0, BF)
             mask_fc = (offs_f[:, None] < F) & mask_c[None, :]
             m = (offs_f[:, None, None] < F) & mask_cw[None, :, :]
@@ -295,23 +299,26 @@ def _channel_tile(C: int) -> Tuple[int, int]:
     return min(CHANNEL_BLOCK, triton.next_power_of_2(C)), 16
 
 
-def fwd_tiles(F: int, C: int = 1, channels_last: bool = False, load_stats: bool = False) -> Tiles:
-    """Forward tiles for F features and C channels; ``channels_last``: y is a channels-last tensor;
-    ``load_stats``: the statistics are given, x is streamed once in chunks of 2K elements, same columns."""
+def fwd_tiles(F: int, C: int = 1, channels_last: bool = False, load_stats: bool = False,
+              itemsize: int = 2) -> Tiles:
+    """Forward tiles for F features and C channels of ``itemsize``-byte x; ``channels_last``: y is a
+    channels-last tensor; ``load_stats``: the statistics are given, x is streamed once in chunks of 2K
+    elements over the same columns."""
     if load_stats:
-        t = fwd_tiles(F, C, channels_last)
+        t = fwd_tiles(F, C, channels_last, itemsize=itemsize)
         return Tiles(min(t.BF, max(1, 2048 // (t.BC * t.BW))), t.BC, t.BW, False, 4)
     Fp = triton.next_power_of_2(F)
     if channels_last:  # the tile changes layout through shared memory on its way out: half the resident size
         BC, BW = _channel_tile(C)
         if Fp * BC * BW <= RESIDENT_FWD // 2:
             return Tiles(Fp, BC, BW, True, _warps(2 * Fp * BC * BW))
-        return Tiles(min(Fp, 4096 // (BC * BW)), BC, BW, False, 4)
+        return Tiles(min(Fp, 8192 // (BC * BW)), BC, BW, False, 16)
     if Fp * 16 <= RESIDENT_FWD:
         BW = max(16, min(64, RESIDENT_FWD // Fp))
         warps = _warps(Fp * BW)
-        # at 8 warps ptxas takes 110-130 registers; 128 fits two programs on an SM without spilling
-        return Tiles(Fp, 1, BW, True, warps, 128 if warps == 8 else None)
+        # 16-bit x at 8 warps: ptxas takes 110-130 registers, 128 fits two programs on an SM without spilling
+        # (fp32 x spills under that cap on sm_80)
+        return Tiles(Fp, 1, BW, True, warps, 128 if warps == 8 and itemsize == 2 else None)
     return Tiles(32, 1, 64, False, 4)
 
 
@@ -322,7 +329,7 @@ def bwd_tiles(F: int, C: int = 1, channels_last: bool = False) -> Tiles:
         BC, BW = _channel_tile(C)
         if Fp * BC * BW <= RESIDENT_BWD // 2:
             return Tiles(Fp, BC, BW, True, _warps(4 * Fp * BC * BW))
-        return Tiles(min(Fp, 2048 // (BC * BW)), BC, BW, False, 8)
+        return Tiles(min(Fp, 4096 // (BC * BW)), BC, BW, False, 16)
     if Fp * 8 <= RESIDENT_BWD:
         BW = max(8, min(64, RESIDENT_BWD // Fp))
         return Tiles(Fp, 1, BW, True, _warps(2 * Fp * BW, hi=16))
@@ -373,7 +380,7 @@ def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: fl
     else:
         mean = torch.empty((B, C, W), device=x.device, dtype=common.stats_dtype(x.dtype))
         rstd = torch.empty_like(mean)
-    t = fwd_tiles(F, C, store_y and channels_last and C > 1, saved_stats is not None)
+    t = fwd_tiles(F, C, store_y and channels_last and C > 1, saved_stats is not None, x.element_size())
     grid = (triton.cdiv(W, t.BW), triton.cdiv(C, t.BC), B)
     _frame_norm_fwd_kernel[grid](
         x, w, b, y, mean, rstd, C, F, W, eps, *x.stride(), *w.stride(), *b.stride(), *y.stride(), STORE_Y=store_y,
