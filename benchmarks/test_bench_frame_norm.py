@@ -2,7 +2,11 @@
 
 Providers: eager (ftkernels.reference.frame_norm, the baseline), layer_norm (F.layer_norm on the transposed
 view + per-channel affine), compile (torch.compile of the reference), ftkernels (ftkernels.frame_norm, backend
-auto: the Triton kernels on CUDA; on CPU it *is* the eager reference, so it is only smoke-checked there).
+auto: the Triton kernels on CUDA; on CPU it *is* the eager reference, so it is only smoke-checked there), and
+the v4 conv blocks' form, y written channels-last (what cuDNN's convolutions read): compile_channels_last
+(torch.compile of the reference followed by the layout change, which inductor fuses into the norm's write)
+against ftkernels_channels_last (the kernels' channels-last tiles). Sizes: F 2048 runs the chunked kernels,
+the others the resident one-read kernels; (8, 106, 1024, 256) and (8, 340, 256, 256) are v4 conv-block inputs.
 """
 from __future__ import annotations
 
@@ -32,23 +36,32 @@ def _compiled():
     return lambda x, w, b: fn(x, w, b, EPS)
 
 
-def _ftkernels(full):
+def _compiled_channels_last():
+    from ftkernels import reference
+    fn = torch.compile(lambda x, w, b: reference.frame_norm(x, w, b, EPS).contiguous(memory_format=CL),
+                       dynamic=False)
+    return fn
+
+
+def _ftkernels(full, memory_format=torch.contiguous_format):
     def make():
         import ftkernels
         if full and not bench_utils.HAS_CUDA:
             raise Unsupported("on CPU ftkernels.frame_norm runs the eager reference (same code as 'eager')")
-        return lambda x, w, b: ftkernels.frame_norm(x, w, b, EPS)
+        return lambda x, w, b: ftkernels.frame_norm(x, w, b, EPS, memory_format=memory_format)
     return make
 
 
-PROVIDERS = ["eager", "layer_norm", "compile", "ftkernels"]
+CL = torch.channels_last
+PROVIDERS = ["eager", "layer_norm", "compile", "ftkernels", "compile_channels_last", "ftkernels_channels_last"]
 
 # (B, C, F, W)
 SMOKE = [(2, 3, 16, 8)]
 CPU = [(1, 4, 1024, 256), (1, 16, 256, 512), (4, 32, 128, 256)]
 CPU_BWD = [(1, 16, 256, 512)]
-GPU = [(8, 4, 2048, 512), (8, 16, 512, 512), (8, 32, 1024, 256), (8, 128, 256, 512), (8, 320, 128, 512)]
-GPU_BWD = [(8, 4, 2048, 512), (8, 32, 1024, 256), (8, 320, 128, 512)]
+GPU = [(8, 4, 2048, 512), (8, 16, 512, 512), (8, 32, 1024, 256), (8, 128, 256, 512), (8, 320, 128, 512),
+       (8, 106, 1024, 256), (8, 340, 256, 256)]
+GPU_BWD = [(8, 4, 2048, 512), (8, 32, 1024, 256), (8, 320, 128, 512), (8, 106, 1024, 256)]
 
 
 def size_label(B, C, F_, W):
@@ -81,7 +94,8 @@ pytest_generate_tests = bench_utils.case_parametrizer(PROVIDERS, size_label, SMO
 
 def make_provider(provider, dims, full):
     return {"eager": _eager, "layer_norm": lambda: layer_norm, "compile": _compiled,
-            "ftkernels": _ftkernels(full)}[provider]()
+            "ftkernels": _ftkernels(full), "compile_channels_last": _compiled_channels_last,
+            "ftkernels_channels_last": _ftkernels(full, CL)}[provider]()
 
 
 def test_frame_norm(request, bench, case):

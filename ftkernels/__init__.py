@@ -8,6 +8,7 @@ from ftkernels._common import get_backend, set_backend
 from ftkernels.frame_norm import FrameNorm, frame_norm
 from ftkernels.multichannel_attention import MultichannelMultiheadAttention, multichannel_attention
 from ftkernels.multichannel_linear import MultichannelLinear, multichannel_linear
+from ftkernels.squared_relu import SquaredReLU, squared_relu
 from ftkernels.squared_relu_ffn import SquaredReLUFeedForward, squared_relu_ffn
 from ftkernels import reference
 
@@ -15,6 +16,7 @@ __all__ = [
     "set_backend", "get_backend", "reference",
     "multichannel_linear", "MultichannelLinear",
     "frame_norm", "FrameNorm",
+    "squared_relu", "SquaredReLU",
     "squared_relu_ffn", "SquaredReLUFeedForward",
     "multichannel_attention", "MultichannelMultiheadAttention",
 ]

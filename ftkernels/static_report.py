@@ -42,9 +42,10 @@ Hardware and efficiency assumptions (H100 SXM5 80 GB, NVIDIA's datasheet; A100 S
 * Triton launches also pay for their grids: compute is divided by the SM-level wave efficiency
   (programs / (ceil(programs / SMs) x SMs)), bandwidth by min(1, 2 x active SMs / SMs) (an SM is assumed to
   pull at most twice its share of HBM bandwidth). Spills and occupancy are reported, not priced.
-* Minimum bytes assume every tensor is read or written once from HBM: re-reads that hit L2 and the L2's
-  50 MB are not modelled, so memory-bound predictions are optimistic for kernels that re-read operands
-  (e.g. a multi-pass norm over a frame block larger than L2 allows).
+* Minimum bytes assume every tensor is read or written once from HBM; re-reads are not modelled, so
+  memory-bound predictions are optimistic for kernels that re-read operands, except where
+  :data:`REREAD_MODELS` adds them to the predicted time (the chunked frame norm: its second pass over a
+  program's frame block hits L2 for the last 50 MB the running programs read, the rest comes from HBM).
 
 Rules (:func:`rule_violations`): on sm_90, a bf16/fp16 kernel with ``tl.dot`` that has no wgmma while one of
 its launches is compute-bound (FLOPs / minimum bytes above the ridge point, peak / bandwidth = 295 FLOP/B),
@@ -192,6 +193,9 @@ FLOP_MODELS: Dict[str, Callable[[Dict[str, list], List[int]], float]] = {
     "_weight_grad_kernel": lambda a, g: 2 * _val(a["M"]) * _val(a["N"]) * _val(a["K"]) * g[1],
     "_frame_norm_fwd_kernel": lambda a, g: 8 * _val(a["F"]) * _val(a["W"]) * _val(a["C"]) * g[2],
     "_frame_norm_bwd_kernel": lambda a, g: 12 * _val(a["F"]) * _val(a["W"]) * _val(a["C"]) * g[2],
+    "_partial_sum_kernel": lambda a, g: 2 * _val(a["ROWS"]) * _val(a["N"]),
+    "_squared_relu_fwd_kernel": lambda a, g: 2 * _val(a["N"]),
+    "_squared_relu_bwd_kernel": lambda a, g: 3 * _val(a["N"]),
     "_mca_fwd_kernel": _attn(2),  # S = QK^T, O = PV
     "_mca_bwd_dkdv_kernel": _attn(4),  # S, dV = P^T dO, dP = dO V^T, dK = dS^T Q
     "_mca_bwd_dq_kernel": _attn(3),  # S, dP, dQ = dS K
@@ -219,6 +223,29 @@ def launch_bytes(launch) -> int:
             seen.add(key)
             total += math.prod(d[2]) * d[5]
     return total
+
+
+def _frame_norm_rereads(a: Dict[str, list], grid: List[int], chip: "Chip", blocks_per_sm: int) -> float:
+    """The chunked frame-norm kernels stream each program's (F x BC x BW) block of x (and dy) twice: the
+    second pass walks the chunks backwards, so of what the concurrently running programs read, the last L2
+    capacity's worth is still in L2; the rest comes from HBM again. The resident kernels read once."""
+    fwd = "STORE_Y" in a
+    if _val(a["RESIDENT"]) or (fwd and (_val(a["LOAD_STATS"]) or not _val(a["STORE_Y"]))):
+        return 0.0
+    tensors = [a["x_ptr"]] + ([] if fwd else [a["dy_ptr"]])
+    itemsize = sum(d[5] for d in tensors)
+    block = _val(a["F"]) * _val(a["BC"]) * _val(a["BW"]) * itemsize
+    programs = math.prod(grid)
+    live = min(programs, max(blocks_per_sm, 1) * chip.sms) * block
+    hit = min(1.0, chip.l2 / live) if live else 1.0
+    return _numel(a["x_ptr"]) * itemsize * (1.0 - hit)
+
+
+# kernel function name -> bytes a launch reads again from HBM beyond launch_bytes (args, grid, chip, blocks/SM)
+REREAD_MODELS: Dict[str, Callable[[Dict[str, list], List[int], "Chip", int], float]] = {
+    "_frame_norm_fwd_kernel": _frame_norm_rereads,
+    "_frame_norm_bwd_kernel": _frame_norm_rereads,
+}
 
 
 def peak_for(chip: Chip, dtype: str) -> float:
@@ -314,14 +341,21 @@ def _with_shape(d, shape):
     return ["T", d[1], list(shape), [], 0, d[5], -1]
 
 
-def _norm_pieces(x, backward: bool) -> List[Piece]:
-    """A compiled norm: forward reads x and writes y (statistics in registers); backward reads dy and x for dx
-    in one kernel and again for d weight/d bias in a second (what inductor generates for a layer norm)."""
+ITEMSIZE = {"fp64": 8, "fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def _norm_pieces(x, backward: bool, out_dtype: Optional[str] = None, dy=None) -> List[Piece]:
+    """A compiled norm: forward reads x and writes y (statistics in registers; a cast to ``out_dtype`` and a
+    channels-last layout fused into that write, as inductor does for a conv's input); backward reads dy and x
+    for dx in one kernel and again for d weight/d bias in a second (what inductor generates for a layer
+    norm)."""
     n = _bytes(x)
+    numel = n / x[5]
     if backward:
-        return [Piece("compiled norm backward: dx", "memory", 12 * n / x[5], 3 * n),
-                Piece("compiled norm backward: d weight, d bias", "memory", 4 * n / x[5], 2 * n)]
-    return [Piece("compiled norm", "memory", 8 * n / x[5], 2 * n)]
+        g = _bytes(dy) if dy else n
+        return [Piece("compiled norm backward: dx", "memory", 12 * numel, g + 2 * n),
+                Piece("compiled norm backward: d weight, d bias", "memory", 4 * numel, g + n)]
+    return [Piece("compiled norm", "memory", 8 * numel, n + numel * ITEMSIZE.get(out_dtype, x[5]))]
 
 
 def _ffn_pieces(a, backward: bool) -> List[Piece]:
@@ -381,7 +415,15 @@ def torch_composition(call: dict) -> List[Piece]:
             (_t(a, "bias_dw") is not None)
         return _linear_pieces(x, _t(a, "weight_pw"), _t(a, "weight_dw"), has_bias, backward)
     if base == "frame_norm":
-        return _norm_pieces(_t(a, "x"), backward)
+        out_dtype = a.get("out_dtype")
+        return _norm_pieces(_t(a, "x"), backward, out_dtype[1] if out_dtype and out_dtype[0] == "dtype" else None,
+                            _t(a, "dy"))
+    if base == "squared_relu":  # torch.compile fuses relu and square: one read and one write each way
+        x = _t(a, "x")
+        n = _bytes(x)
+        if backward:
+            return [Piece("compiled relu^2 backward", "memory", 3 * n / x[5], 2 * n + _bytes(_t(a, "dy")))]
+        return [Piece("compiled relu^2", "memory", 2 * n / x[5], 2 * n)]
     if base == "squared_relu_ffn":
         return _ffn_pieces(a, backward)
     if base == "multichannel_attention":
@@ -497,10 +539,13 @@ class Analysis:
         gemm = bool(s and s.dots)
         f = flops or 0.0
         kind = s.mma if s else "?"
+        reread = REREAD_MODELS.get(kernel_name(l.kernel))
+        rereads = reread(l.args, l.grid, chip, s.blocks_per_sm if s else 1) if reread else 0.0
         return {"launch": i, "kernel": kernel_name(l.kernel), "op": l.op, "flops": flops, "bytes": nbytes,
-                "intensity": (f / nbytes) if nbytes else 0.0, "programs": programs, "gemm": gemm,
-                "roofline_s": roofline(chip, f, nbytes, s.dtype if s else l.dtype, gemm),
-                "predicted_s": predict(chip, f if gemm else 0.0, nbytes, kind if gemm else "-", l.dtype, programs),
+                "reread_bytes": rereads, "intensity": (f / nbytes) if nbytes else 0.0, "programs": programs,
+                "gemm": gemm, "roofline_s": roofline(chip, f, nbytes, s.dtype if s else l.dtype, gemm),
+                "predicted_s": predict(chip, f if gemm else 0.0, nbytes + rereads, kind if gemm else "-", l.dtype,
+                                       programs),
                 "spec": s.key if s else None}
 
     def workloads(self) -> List[str]:
@@ -643,7 +688,7 @@ def _ms(s: float) -> str:
 
 
 CLASS_NAMES = {"multichannel_linear": "multichannel linear", "squared_relu_ffn": "squared-ReLU feed-forward",
-               "frame_norm": "frame norm", "multichannel_attention": "attention"}
+               "frame_norm": "frame norm", "squared_relu": "squared ReLU (v4 conv blocks)", "multichannel_attention": "attention"}
 
 
 def spec_table(rows: List[dict]) -> List[str]:

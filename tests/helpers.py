@@ -142,6 +142,21 @@ def layer_norm_low_precision(x, weight, bias, eps=1e-5):
     return y * weight[:, :, None] + bias[:, :, None]
 
 
+def frame_norm_channels_last(x, weight, bias, eps=1e-5, backend=None):
+    """frame_norm writing y channels-last, as the v4 conv blocks call it (its own tiles in the kernels)."""
+    return ftkernels.frame_norm(x, weight, bias, eps, backend, memory_format=torch.channels_last)
+
+
+def layer_norm_low_precision_channels_last(x, weight, bias, eps=1e-5):
+    return layer_norm_low_precision(x, weight, bias, eps).contiguous(memory_format=torch.channels_last)
+
+
+def squared_relu_both_sides(x, backend=None):
+    """relu(x)^2 + relu(-x)^2 (= x^2): every element reaches the output through one of the two calls, so a
+    non-finite gradient is never masked by relu's zero side; x's own layout goes into the first call."""
+    return ftkernels.squared_relu(x, backend) + ftkernels.squared_relu(-x, backend)
+
+
 def sdpa_low_precision(q, k, v, num_heads, scale=None, rotary=True, rotary_freqs=None):
     """PyTorch's own attention op (SDPA) in the inputs' precision, rotary applied in that precision too (a
     stored table's rotation in fp32, as the v4 model's): multichannel attention's PyTorch formulation."""
@@ -179,6 +194,9 @@ OP_CASES = [
            dict(x=(2, 3, 5, 7), weight_dw=(4, 3), bias_dw=(4,))),
     OpCase("frame_norm", ftkernels.frame_norm, dict(x=(2, 3, 37, 7), weight=(3, 37), bias=(3, 37)),
            torch_op=layer_norm_low_precision),
+    OpCase("frame_norm-channels_last", frame_norm_channels_last, dict(x=(2, 5, 13, 9), weight=(5, 13), bias=(5, 13)),
+           torch_op=layer_norm_low_precision_channels_last),
+    OpCase("squared_relu", squared_relu_both_sides, dict(x=(2, 3, 5, 7))),
     OpCase("squared_relu_ffn-fused", ftkernels.squared_relu_ffn, _ffn_shapes(C1=2, dw2=3)),
     OpCase("squared_relu_ffn-two_pass", ftkernels.squared_relu_ffn, _ffn_shapes(C1=9)),
     OpCase("squared_relu_ffn-positionwise", ftkernels.squared_relu_ffn, _ffn_shapes(dw2=10)),

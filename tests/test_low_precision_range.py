@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import ftkernels
-from helpers import LOW_PRECISION, OpCase, _ffn_shapes, assert_low_precision_ok, case_args, \
-    layer_norm_low_precision, sdpa_low_precision
+from helpers import LOW_PRECISION, OpCase, _ffn_shapes, assert_low_precision_ok, case_args, frame_norm_channels_last, \
+    layer_norm_low_precision, layer_norm_low_precision_channels_last, sdpa_low_precision, squared_relu_both_sides
 
 RANGE_CASES = [
     OpCase("multichannel_linear-fused", ftkernels.multichannel_linear,
@@ -30,6 +30,10 @@ RANGE_CASES = [
            dict(x=(2, 3, 24, 37), weight_pw=(3, 40, 24), weight_dw=(12, 3), bias_pw=(3, 40), bias_dw=(12,))),
     OpCase("frame_norm", ftkernels.frame_norm, dict(x=(2, 3, 40, 37), weight=(3, 40), bias=(3, 40)),
            torch_op=layer_norm_low_precision),
+    OpCase("frame_norm-channels_last", frame_norm_channels_last, dict(x=(2, 18, 40, 21), weight=(18, 40),
+                                                                      bias=(18, 40)),
+           torch_op=layer_norm_low_precision_channels_last),
+    OpCase("squared_relu", squared_relu_both_sides, dict(x=(2, 3, 24, 37))),
     OpCase("squared_relu_ffn-fused", ftkernels.squared_relu_ffn, _ffn_shapes(C1=4, dw2=3, F=24, W=37, H=48, F2=20)),
     OpCase("squared_relu_ffn-two_pass", ftkernels.squared_relu_ffn, _ffn_shapes(C1=12, F=24, W=37, H=48, F2=20)),
     OpCase("multichannel_attention", ftkernels.multichannel_attention,
@@ -38,6 +42,7 @@ RANGE_CASES = [
 RANGE = {"large": 2.0 ** 8, "tiny": 2.0 ** -16}
 NONLINEAR_LARGE = 2.0 ** 4
 NONLINEAR = {"weight1_pw", "bias1_pw", "weight1_dw", "bias1_dw", "norm_weight", "norm_bias", "q", "k"}
+NONLINEAR_CASES = {"squared_relu"}  # every argument: y = x^2
 
 
 def low_precision_check(case, args_low, grad64, dtype, what, floor):
@@ -64,7 +69,8 @@ def low_precision_check(case, args_low, grad64, dtype, what, floor):
 @pytest.mark.parametrize("end", list(RANGE))
 @pytest.mark.parametrize("case,arg", case_args(RANGE_CASES))
 def test_range_ends(case, arg, end, dtype):
-    scale = NONLINEAR_LARGE if end == "large" and arg in NONLINEAR else RANGE[end]
+    nonlinear = arg in NONLINEAR or (case.id in NONLINEAR_CASES and arg != "grad")
+    scale = NONLINEAR_LARGE if end == "large" and nonlinear else RANGE[end]
     args = case.make(dtype=dtype, scales={arg: scale})
     with torch.no_grad():
         grad64 = case.grad_out(case({n: t.double() for n, t in args.items()}, "reference"))

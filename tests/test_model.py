@@ -1,5 +1,6 @@
 """FrameTransformer model: shapes, backend switch, reference-vs-Triton equivalence (float64, CPU interpreter);
 the v4 architecture's structure, parameter count and upstream keys (numbers against upstream: test_upstream.py)."""
+import copy
 import json
 import math
 import os
@@ -12,6 +13,7 @@ from ftkernels import reference
 from frame_transformer.model import (ConvResBlock, FrameConvAttention, FrameTransformer, ModelConfig, RotaryEmbedding,
                                      preset)
 from frame_transformer.upstream import key_map
+from helpers import KERNEL_DEVICE, assert_low_precision_ok
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
@@ -211,6 +213,43 @@ def test_v4_mask_has_nyquist_zero_and_takes_any_width():
         assert torch.equal(y[:, :, -1], torch.zeros_like(y[:, :, -1]))
         assert torch.equal(y[:, :, :64], torch.sigmoid(logits))
     assert m(torch.rand(1, 2, 64, 3)).shape == (1, 2, 64, 3)
+
+
+@pytest.mark.skipif(KERNEL_DEVICE == "cuda", reason="CPU autocast in fp16 (the interpreter computes fp16 faithfully)")
+def test_v4_conv_block_norm_writes_what_conv1_reads():
+    """On the Triton path the block's norm writes conv1's input directly in the autocast dtype and channels-last
+    (no cast, no layout copy); the block's output stays contiguous. Forward and every gradient within the
+    low-precision rule of the reference path under the same autocast (vs float64); without autocast the same
+    numbers as the reference path."""
+    torch.manual_seed(0)
+    block = ConvResBlock(3, 5, 16, downsample=True, backend="triton")
+    seen = []
+    block.conv1.register_forward_pre_hook(lambda m, a: seen.append(
+        (a[0].dtype, a[0].is_contiguous(memory_format=torch.channels_last))))
+    x = torch.randn(2, 3, 16, 9) + 0.5
+
+    def run(backend, dtype=torch.float32, amp=None):
+        b = copy.deepcopy(block).to(dtype)
+        b.norm.backend = backend
+        xx = x.to(dtype).requires_grad_()
+        with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+            y = b(xx)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        grads = torch.autograd.grad(y, [xx, *b.parameters()], g.to(y.dtype))
+        return y, grads
+
+    y, g = run("triton", amp=torch.float16)
+    assert seen[-1] == (torch.float16, True) and y.is_contiguous()
+    y_low, g_low = run("reference", amp=torch.float16)
+    assert seen[-1] == (torch.float32, False)
+    y64, g64 = run("reference", torch.float64)
+    assert_low_precision_ok(y, y_low, y64, "block output")
+    for i, (a, b_, c) in enumerate(zip(g, g_low, g64)):
+        assert_low_precision_ok(a, b_, c, f"gradient {i}")
+    y, g = run("triton", torch.float64)
+    assert seen[-1] == (torch.float64, True)
+    assert _rel_err(y, y64) < 1e-12
+    assert all(_rel_err(a, c) < 1e-10 for a, c in zip(g, g64))
 
 
 def test_v4_reference_vs_triton_outputs_and_gradients():

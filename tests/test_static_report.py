@@ -103,6 +103,25 @@ def test_launch_bytes_count_each_distinct_tensor_once():
     assert sr.launch_bytes(Launch("m:k", args, {}, [1, 1, 1])) == (384 + 384 + 192) * 2
 
 
+def test_frame_norm_rereads():
+    """The chunked frame norm reads its frame blocks a second time from HBM beyond what L2 still holds; the
+    resident kernels (and the one-pass variants) read once."""
+    x = _t("bf16", (8, 106, 4096, 256), 1)  # 1.8 GB
+    args = dict(x_ptr=x, F=["i", 4096], BC=["i", 1], BW=["i", 64], RESIDENT=["b", False], STORE_Y=["b", True],
+                LOAD_STATS=["b", False])
+    h100 = sr.CHIPS[90]
+    grid = [4, 106, 8]
+    big = sr._frame_norm_rereads(args, grid, h100, 4)  # 528 programs x 512 KB live: 50 MB of 270 MB hit L2
+    assert 0.7 * sr._numel(x) * 2 < big < sr._numel(x) * 2
+    assert sr._frame_norm_rereads(args, grid, h100, 1) < big  # fewer programs live: more of them still in L2
+    assert sr._frame_norm_rereads(dict(args, F=["i", 32]), grid, h100, 4) == 0  # the live blocks fit in L2
+    for one_pass in (dict(RESIDENT=["b", True]), dict(LOAD_STATS=["b", True]), dict(STORE_Y=["b", False])):
+        assert sr._frame_norm_rereads(dict(args, **one_pass), grid, h100, 4) == 0
+    bwd = {k: v for k, v in args.items() if k not in ("STORE_Y", "LOAD_STATS")}
+    bwd["dy_ptr"] = _t("fp32", (8, 106, 4096, 256), 2)  # dy (fp32) and x (bf16): 3x the bytes, less of them in L2
+    assert 3 * big < sr._frame_norm_rereads(bwd, grid, h100, 4) < sr._numel(x) * 6
+
+
 # ----------------------------------------------------------------------------------------------
 # rules on synthetic builds
 

@@ -49,6 +49,26 @@ def _frame_norm(case_id, layout):
     return [(ops.frame_norm.default, fwd), (ops.frame_norm_backward.default, bwd)]
 
 
+def _frame_norm_channels_last(case_id, layout):
+    """y written channels-last in fp32 (out_dtype), the gradient arriving channels-last as from a conv."""
+    a = _views(CASE[case_id].make(), layout)
+    fwd = (a["x"], a["weight"], a["bias"], 1e-5, torch.float32, True)
+    y, mean, rstd = ops.frame_norm(*_detached(fwd))
+    assert y.dtype == torch.float32 and y.is_contiguous(memory_format=torch.channels_last)
+    dy = _grad_like(y, layout)
+    bwd = (dy.contiguous(memory_format=torch.channels_last) if layout == "contiguous" else dy,
+           *_detached(fwd[:2]), mean, rstd)
+    return [(ops.frame_norm.default, fwd), (ops.frame_norm_backward.default, bwd)]
+
+
+def _squared_relu(case_id, layout):
+    a = _views(CASE[case_id].make(), layout)
+    fwd = (a["x"],)
+    y = ops.squared_relu(*_detached(fwd))
+    return [(ops.squared_relu.default, fwd), (ops.squared_relu_backward.default, (_grad_like(y, layout),
+                                                                              a["x"].detach()))]
+
+
 _FFN = ("weight1_pw", "weight2_pw", "weight1_dw", "bias1_pw", "bias1_dw", "weight2_dw", "bias2_pw", "bias2_dw",
         "norm_weight", "norm_bias")
 
@@ -82,7 +102,9 @@ def _attention(case_id, layout):
 
 BUILDERS = [
     ("multichannel_linear-fused", _mcl), ("multichannel_linear-two_pass", _mcl),
-    ("multichannel_linear-depthwise", _mcl), ("frame_norm", _frame_norm), ("squared_relu_ffn-fused", _ffn),
+    ("multichannel_linear-depthwise", _mcl), ("frame_norm", _frame_norm),
+    ("frame_norm-channels_last", _frame_norm_channels_last), ("squared_relu", _squared_relu),
+    ("squared_relu_ffn-fused", _ffn),
     ("squared_relu_ffn-two_pass", _ffn), ("multichannel_attention", _attention),
     ("multichannel_attention-freqs", _attention),
 ]

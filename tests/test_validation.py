@@ -192,5 +192,7 @@ def test_autocast_casts_float32_like_matmul(case):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = case(args, "auto")
         want_dtype = torch.matmul(args[case.args[0]], args[case.args[0]].transpose(-1, -2)).dtype
-    # frame norm is a normalisation (autocast runs layer_norm in float32): it keeps x's dtype
-    assert got.dtype == (torch.float32 if case.id == "frame_norm" else want_dtype)
+    # frame norm is a normalisation (autocast runs layer_norm in float32), squared_relu elementwise (as relu):
+    # they keep x's dtype
+    keeps = case.id.startswith("frame_norm") or case.id == "squared_relu"
+    assert got.dtype == (torch.float32 if keeps else want_dtype)
