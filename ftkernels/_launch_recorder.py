@@ -18,8 +18,10 @@ build exactly what these recordings say runs. How a workload runs here:
   its Python function), every bound argument (tensors as dtype/shape/strides/storage offset, scalars by
   value), the launch options (``num_warps``, ``num_stages``, ...) and the grid. An autotuned kernel records
   one launch per config it could pick, so the gate builds every config.
-* **bf16/fp16 training steps** emulate ``torch.autocast`` on the meta device (``is_autocast_enabled`` /
-  ``get_autocast_dtype`` answer for ``meta``): the ops cast their inputs exactly as under CUDA autocast.
+* **bf16/fp16 training steps** emulate ``torch.autocast`` on the meta device (``is_autocast_available`` /
+  ``is_autocast_enabled`` / ``get_autocast_dtype`` answer for ``meta``): the ops cast their inputs exactly as
+  under CUDA autocast; torch's convolutions (which meta autocast would not touch) cast theirs to the autocast
+  dtype as CUDA autocast does.
 
 Pointer alignment: a GPU allocation is at least 256-byte aligned, so a tensor's data pointer is divisible
 by 16 exactly when ``storage_offset * itemsize`` is; that is what the recording keeps.
@@ -291,8 +293,12 @@ class _RealImplMode(TorchDispatchMode):
 
 @contextlib.contextmanager
 def _meta_autocast(dtype: Optional[torch.dtype]):
-    """torch.autocast for the meta device, as the ops see it: is_autocast_enabled('meta') / get_autocast_dtype."""
-    enabled, get_dtype = torch.is_autocast_enabled, torch.get_autocast_dtype
+    """torch.autocast for the meta device, as the ops see it: is_autocast_available('meta') /
+    is_autocast_enabled('meta') / get_autocast_dtype."""
+    enabled, get_dtype, available = torch.is_autocast_enabled, torch.get_autocast_dtype, torch.amp.is_autocast_available
+
+    def is_available(device_type):
+        return device_type == "meta" or available(device_type)
 
     def is_enabled(device_type=None):
         if device_type == "meta":
@@ -304,11 +310,29 @@ def _meta_autocast(dtype: Optional[torch.dtype]):
             return dtype if dtype is not None else torch.float32
         return get_dtype(device_type)
 
+    # torch's own autocast has no meta dispatch key: convolutions (the v4 blocks' cuDNN convs) cast their
+    # floating inputs to the autocast dtype here, as CUDA autocast's lower-precision list does
+    convs = {name: getattr(torch.nn.functional, name) for name in ("conv1d", "conv2d", "conv3d")}
+
+    def autocast_conv(conv):
+        def run(input, weight, bias=None, *args, **kwargs):
+            if dtype is not None and input.device.type == "meta":
+                input, weight = input.to(dtype), weight.to(dtype)
+                bias = bias.to(dtype) if bias is not None else None
+            return conv(input, weight, bias, *args, **kwargs)
+        return run
+
     torch.is_autocast_enabled, torch.get_autocast_dtype = is_enabled, autocast_dtype
+    torch.amp.is_autocast_available = is_available
+    for name, conv in convs.items():
+        setattr(torch.nn.functional, name, autocast_conv(conv))
     try:
         yield
     finally:
         torch.is_autocast_enabled, torch.get_autocast_dtype = enabled, get_dtype
+        torch.amp.is_autocast_available = available
+        for name, conv in convs.items():
+            setattr(torch.nn.functional, name, conv)
 
 
 @contextlib.contextmanager

@@ -60,7 +60,14 @@ def test_every_kernel_is_recorded_and_every_dtype_flows_through():
                     "ftkernels::multichannel_attention_backward", "ftkernels::squared_relu_ffn",
                     "ftkernels::squared_relu_ffn_backward", "ftkernels::multichannel_linear",
                     "ftkernels::multichannel_linear_backward"} <= classes, (w, dt, classes)
-            data = {d[1] for l in mine for name, d in l.args.items() if d[0] == "T" and "f32" not in name}
+            # (but the v4 model's first frame norm: autocast leaves a norm's input alone, and that input is the
+            # fp32 spectrogram, 2 channels)
+            first_norm = [l for l in mine if dt != "fp32" and w.startswith("step:v4")
+                          and l.op.startswith("ftkernels::frame_norm") and l.args["x_ptr"][1] == "fp32"
+                          and l.args["x_ptr"][2][1] == 2]
+            assert len(first_norm) == (2 if dt != "fp32" and w.startswith("step:v4") else 0), (w, dt, len(first_norm))
+            data = {d[1] for l in mine if l not in first_norm for name, d in l.args.items()
+                    if d[0] == "T" and "f32" not in name}
             assert data == {dt}, (w, dt, data)
 
 
