@@ -122,7 +122,9 @@ def _grouped(pid, m_tiles, n_tiles, GROUP: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.jit
+# Integers whose divisibility never changes the code that matters (grid decoding, masks across rows, strides of
+# once-per-program loads and stores) are not specialized: fewer variants to compile and gate, same inner loops.
+@triton.jit(do_not_specialize=["B", "s_bias_c", "s_bias_m", "s_sb", "s_sc", "s_gc", "s_gk", "s_tc", "s_tk"])
 def _positionwise_kernel(w_ptr, x_ptr, bias_ptr, out_ptr, mul_ptr, mean_f32_ptr, rstd_f32_ptr, gamma_ptr, beta_ptr,
                          B, M, N, K, s_wc, s_wm, s_wk, s_xb, s_xc, s_xk, s_xn, s_bias_c, s_bias_m,
                          s_ob, s_oc, s_om, s_on, s_pb, s_pc, s_pm, s_pn, s_sb, s_sc, s_gc, s_gk, s_tc, s_tk,
@@ -175,7 +177,7 @@ def _positionwise_kernel(w_ptr, x_ptr, bias_ptr, out_ptr, mul_ptr, mean_f32_ptr,
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "K", "s_wm", "s_wk", "s_bias"])
 def _channel_mix_kernel(w_ptr, y_ptr, bias_ptr, out_ptr, mul_ptr, M, N, K, W, s_wm, s_wk,
                         s_yb, s_yk, s_yf, s_yw, s_bias, s_ob, s_om, s_of, s_ow, s_pb, s_pm, s_pf, s_pw,
                         ACTIVATION: tl.constexpr, SQRELU_GRAD: tl.constexpr,
@@ -217,20 +219,22 @@ def _channel_mix_kernel(w_ptr, y_ptr, bias_ptr, out_ptr, mul_ptr, M, N, K, W, s_
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _weight_grad_kernel(a_ptr, b_ptr, out_ptr, rowsum_ptr, mean_f32_ptr, rstd_f32_ptr, gamma_ptr, beta_ptr,
-                        M, N, K1, K0, K1_PER_SPLIT, K0_PER_SPLIT, K0_SPLITS,
+@triton.jit(do_not_specialize=["M", "N", "K1", "K1_PER_SPLIT", "K0_SPLITS", "s_sg", "s_sk1", "s_gg", "s_gn", "s_tg",
+                            "s_tn", "s_og", "s_om", "s_on", "s_rg", "s_ps", "s_pg", "s_pm"])
+def _weight_grad_kernel(a_ptr, b_ptr, out_ptr, rows_ptr, part_f32_ptr, mean_f32_ptr, rstd_f32_ptr, gamma_ptr,
+                        beta_ptr, M, N, K1, K0, K1_PER_SPLIT, K0_PER_SPLIT, K0_SPLITS,
                         s_ag, s_am, s_ak1, s_ak0, s_bg, s_bn, s_bk1, s_bk0, s_sg, s_sk1, s_gg, s_gn, s_tg, s_tn,
-                        s_os, s_og, s_om, s_on, s_rs, s_rg, s_rm,
-                        HAS_ROWSUM: tl.constexpr, PROLOGUE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                        BK: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr):
+                        s_og, s_om, s_on, s_rg, s_ps, s_pg, s_pm,
+                        HAS_ROWSUM: tl.constexpr, PROLOGUE: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr,
+                        BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr, PRECISION: tl.constexpr):
     """dW[split, g] = sum_{k in split} A[g, :, k] prologue(B[g, :, k])^T, k = (k1, k0) addressed through
     (s_*k1, s_*k0) strides; with HAS_ROWSUM also sum_k A[g, :, k]. Split ``split`` covers k1 in
     [s1 K1_PER_SPLIT, ...) and k0 in [s0 K0_PER_SPLIT, ...) (s1, s0 = divmod(split, K0_SPLITS)). B's prologue:
     frame norm (PRO_NORM: (B - mean[g, k]) rstd[g, k] gamma[g, n] + beta[g, n], statistics indexed by
     (k1, k0) as (s_sk1, 1)) or squaring (PRO_SQUARE, rounded back to B's dtype as a stored B^2 would be).
-    Stored in out's dtype (the weight's when there is one split, fp32 partials otherwise). grid
-    (tiles, G, splits)."""
+    One split: dW to out (G, M, N) and the row sums to rows (G, M) (unit stride), in their dtype (the
+    weight's). SPLIT: fp32 partials to part (S, G, M, N + HAS_ROWSUM) (unit stride along N, the row sums in
+    column N). grid (tiles, G, splits)."""
     ACC: tl.constexpr = tl.float64 if a_ptr.dtype.element_ty == tl.float64 else tl.float32
     g = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -273,16 +277,24 @@ def _weight_grad_kernel(a_ptr, b_ptr, out_ptr, rowsum_ptr, mean_f32_ptr, rstd_f3
         acc = tl.dot(a, bt, acc, input_precision=PRECISION)
         if HAS_ROWSUM:
             rowsum += tl.sum(a.to(ACC), axis=1)
-    out = out_ptr + split * s_os + g * s_og + offs_m[:, None] * s_om + offs_n[None, :] * s_on
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-    if HAS_ROWSUM:
-        if pid_n == 0:
-            tl.store(rowsum_ptr + split * s_rs + g * s_rg + offs_m * s_rm, rowsum.to(rowsum_ptr.dtype.element_ty),
-                     mask=mask_m)
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT:
+        part = part_f32_ptr + split.to(tl.int64) * s_ps + g * s_pg + offs_m * s_pm
+        tl.store(part[:, None] + offs_n[None, :], acc, mask=mask)
+        if HAS_ROWSUM:
+            if pid_n == 0:
+                tl.store(part + N, rowsum, mask=mask_m)
+    else:
+        out = out_ptr + g * s_og + offs_m[:, None] * s_om + offs_n[None, :] * s_on
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        if HAS_ROWSUM:
+            if pid_n == 0:
+                tl.store(rows_ptr + g * s_rg + offs_m, rowsum.to(rows_ptr.dtype.element_ty), mask=mask_m)
 
 
-@triton.jit
-def _mix_backward_kernel(w_ptr, g_ptr, y_ptr, dy_ptr, part_ptr, C_OUT, C_IN, N, CHUNK, CHUNKS_PER_BATCH, CHUNKS,
+@triton.jit(do_not_specialize=["C_OUT", "C_IN", "CHUNKS_PER_BATCH", "CHUNKS", "CHUNKS_PER_PROGRAM", "s_wo", "s_wc",
+                            "s_ps", "s_po"])
+def _mix_backward_kernel(w_ptr, g_ptr, y_ptr, dy_ptr, part_f32_ptr, C_OUT, C_IN, N, CHUNK, CHUNKS_PER_BATCH, CHUNKS,
                          CHUNKS_PER_PROGRAM, s_wo, s_wc, s_gb, s_go, s_yb, s_yc, s_db, s_dc, s_ps, s_po,
                          HAS_ROWSUM: tl.constexpr, CB: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr):
     """The channel mix's backward for C_out, C_in <= CB in one pass over grad: dy[b] = W^T @ grad[b], and over
@@ -317,23 +329,23 @@ def _mix_backward_kernel(w_ptr, g_ptr, y_ptr, dy_ptr, part_ptr, C_OUT, C_IN, N, 
         acc_w = tl.dot(g, tl.trans(y), acc_w, input_precision=PRECISION)
         if HAS_ROWSUM:
             acc_b += tl.sum(g.to(ACC), axis=1)
-    part = part_ptr + pid.to(tl.int64) * s_ps + offs_c[:, None] * s_po
+    part = part_f32_ptr + pid.to(tl.int64) * s_ps + offs_c[:, None] * s_po
     tl.store(part + offs_c[None, :], acc_w, mask=mask_o[:, None] & mask_i[None, :])
     if HAS_ROWSUM:
         tl.store(part + C_IN, acc_b[:, None], mask=mask_o[:, None])
 
 
 @triton.jit
-def _reduce_segment(part_ptr, out_ptr, rows_ptr, S, L, N1, N, block, BLOCK: tl.constexpr, BS: tl.constexpr):
+def _reduce_segment(part_f32_ptr, out_ptr, rows_ptr, S, L, N1, N, block, BLOCK: tl.constexpr, BS: tl.constexpr):
     """Columns [block BLOCK, ...) of part (S, L) summed over S in a fixed order (BS rows at a time), then cast and
     stored: element l = q * N1 + n goes to out[q * N + n] when n < N, else (the row-sum column, N1 = N + 1) to
     rows[q]."""
     offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < L
     rows_s = tl.arange(0, BS)
-    acc = tl.zeros((BLOCK,), dtype=part_ptr.dtype.element_ty)
+    acc = tl.zeros((BLOCK,), dtype=part_f32_ptr.dtype.element_ty)
     for s0 in range(0, S, BS):
-        tile = tl.load(part_ptr + (s0 + rows_s)[:, None].to(tl.int64) * L + offs[None, :],
+        tile = tl.load(part_f32_ptr + (s0 + rows_s)[:, None].to(tl.int64) * L + offs[None, :],
                        mask=((s0 + rows_s) < S)[:, None] & mask[None, :], other=0.0)
         acc += tl.sum(tile, axis=0)
     q = offs // N1
@@ -343,16 +355,16 @@ def _reduce_segment(part_ptr, out_ptr, rows_ptr, S, L, N1, N, block, BLOCK: tl.c
         tl.store(rows_ptr + q, acc.to(rows_ptr.dtype.element_ty), mask=mask & (n == N))
 
 
-@triton.jit
-def _reduce_splits_kernel(pa_ptr, oa_ptr, ra_ptr, Sa, La, N1a, Na, BLOCKS_A, pb_ptr, ob_ptr, rb_ptr, Sb, Lb, N1b,
-                          Nb, BLOCK: tl.constexpr, BS: tl.constexpr):
+@triton.jit(do_not_specialize=["Sa", "La", "N1a", "Na", "BLOCKS_A", "Sb", "Lb", "N1b", "Nb"])
+def _reduce_splits_kernel(pa_f32_ptr, oa_ptr, ra_ptr, Sa, La, N1a, Na, BLOCKS_A, pb_f32_ptr, ob_ptr, rb_ptr, Sb, Lb,
+                          N1b, Nb, BLOCK: tl.constexpr, BS: tl.constexpr):
     """The split-K partial sums of up to two weight gradients of one backward call in one launch (deterministic:
     each sums its splits in a fixed order); see _reduce_segment. grid (BLOCKS_A + blocks of b,)."""
     pid = tl.program_id(0)
     if pid < BLOCKS_A:
-        _reduce_segment(pa_ptr, oa_ptr, ra_ptr, Sa, La, N1a, Na, pid, BLOCK, BS)
+        _reduce_segment(pa_f32_ptr, oa_ptr, ra_ptr, Sa, La, N1a, Na, pid, BLOCK, BS)
     else:
-        _reduce_segment(pb_ptr, ob_ptr, rb_ptr, Sb, Lb, N1b, Nb, pid - BLOCKS_A, BLOCK, BS)
+        _reduce_segment(pb_f32_ptr, ob_ptr, rb_ptr, Sb, Lb, N1b, Nb, pid - BLOCKS_A, BLOCK, BS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -625,15 +637,14 @@ def weight_grad(a: Tensor, b: Tensor, G: int, M: int, N: int, K1: int, K0: int, 
     ``pending`` given, the partials' sum is appended there (the caller runs reduce_partials) instead of run."""
     shape = "gemm" if min(M, N) >= 64 else "thin"
     k1_per, k0_per, k0_splits, splits = _splits(G, M, N, K1, K0, shape, a.element_size(), a.device)
-    if splits == 1:  # stored in the weight's dtype directly
-        out = torch.empty((G, M, N), device=a.device, dtype=out_dtype)
-        rows = torch.empty((G, M), device=a.device, dtype=out_dtype) if rowsum else _dummy_f32(a.device)
-        s_out, s_rows = (0, *out.stride()), ((0, *rows.stride()) if rowsum else (0, 0, 0))
-    else:  # fp32 partials (the row sums in an extra column), summed in split order by reduce_partials
-        part = torch.empty((splits, G, M, N + rowsum), device=a.device, dtype=common.stats_dtype(a.dtype))
-        p_out, p_rows = part[..., :N], (part[..., N] if rowsum else _dummy_f32(a.device))
-        s_out, s_rows = p_out.stride(), (p_rows.stride() if rowsum else (0, 0, 0))
     dummy = _dummy_f32(a.device)
+    # one split: the gradients in the weight's dtype directly; else fp32 partials (the row sums in an extra
+    # column), summed in split order by reduce_partials
+    out = torch.empty((G, M, N), device=a.device, dtype=out_dtype)
+    rows = torch.empty((G, M), device=a.device, dtype=out_dtype) if rowsum else None
+    part = (torch.empty((splits, G, M, N + rowsum), device=a.device, dtype=common.stats_dtype(a.dtype))
+            if splits > 1 else dummy)
+    s_part = part.stride()[:3] if splits > 1 else (0, 0, 0)
     if norm is not None:
         mean, rstd, gamma, beta = norm
         mean, rstd = mean.contiguous(), rstd.contiguous()  # (K1, G, K0): the stats pass's (B, C, W)
@@ -646,13 +657,12 @@ def weight_grad(a: Tensor, b: Tensor, G: int, M: int, N: int, K1: int, K0: int, 
         return triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]), G, splits
 
     _tuner("wg", a.dtype, shape)[grid](
-        a, b, *((out, rows) if splits == 1 else (p_out, p_rows)), *norm_ptrs, M, N, K1, K0, k1_per, k0_per, k0_splits, *a_strides, *b_strides,
-        *norm_strides, *s_out, *s_rows, HAS_ROWSUM=rowsum, PROLOGUE=prologue, GROUP=GROUP_M,
-        PRECISION=common.dot_precision(a.dtype))
+        a, b, out, rows if rowsum else out, part, *norm_ptrs, M, N, K1, K0, k1_per, k0_per, k0_splits, *a_strides,
+        *b_strides, *norm_strides, *out.stride(), M, *s_part, HAS_ROWSUM=rowsum, PROLOGUE=prologue,
+        SPLIT=splits > 1, GROUP=GROUP_M, PRECISION=common.dot_precision(a.dtype))
     if splits == 1:
-        return out, (rows if rowsum else None)
-    job = _Partials(part, torch.empty((G, M, N), device=a.device, dtype=out_dtype),
-                    torch.empty((G, M), device=a.device, dtype=out_dtype) if rowsum else None)
+        return out, rows
+    job = _Partials(part, out, rows)
     if pending is None:
         reduce_partials([job])
     else:
