@@ -11,8 +11,11 @@ Fusions (kernels live in multichannel_linear.py and frame_norm.py):
   its weight gradient needs anyway.
 - backward: relu^2's derivative 2 relu(z) is recovered from the saved hidden activation, fused into the
   epilogue of the kernel that produces dh (linear2's dx): no pre-activation is saved or recomputed.
-  The normalised input for linear1's weight gradient is recomputed from the saved statistics (one read of
-  x) rather than saved.
+  linear1's weight gradient normalises x's tiles as it loads them (the weight-gradient kernel's norm
+  prologue, from the saved statistics): the normalised input is neither saved nor recomputed.
+- saved, not recomputed: where a linear has a depth-wise mix, its position-wise output y (the mix's input,
+  which the forward writes anyway) is saved for the mix's weight gradient (see multichannel_linear.py:
+  recomputing it cost a whole position-wise GEMM for the same bytes).
 
 Which hidden activation is saved depends on the dtype (``multichannel_linear.SAVE_RELU_DTYPES``):
 - fp32, bf16: h = relu(z)^2, and 2 relu(z) = 2 sqrt(h). Their 8-bit exponent keeps h in range for
@@ -22,11 +25,12 @@ Which hidden activation is saved depends on the dtype (``multichannel_linear.SAV
   2 sqrt(Inf) gave Inf gradients where PyTorch's 2 relu(z) dh is finite; below z ~ 2^-7 it is subnormal
   (below 2^-12 zero), and 2 sqrt(h) lost the digits PyTorch keeps. a has fp16's full 11 bits over its whole
   range, and 2a is exactly PyTorch's factor. h = a^2 is recomputed where it is read: linear2's GEMM squares
-  each x tile as it loads it (forward, and the recomputed y for its depth-wise weight gradient) and its
-  weight-gradient kernel squares its B tiles, rounding to fp16 as a stored h would be (so the forward and
+  each x tile as it loads it (forward) and its weight-gradient kernel squares its B tiles, rounding to fp16 as a stored h would be (so the forward and
   dweight2 overflow exactly where PyTorch's do). Same bytes moved as saving h, a multiply per loaded
   element in registers; no extra tensor kept.
-Saved for backward: x, the hidden activation (h or a), mean, rstd.
+Saved for backward: x, the hidden activation (h or a), mean, rstd, and y1 / y2 where a linear has a mix;
+the op returns them as non-differentiable outputs that cost no zero-filled gradients in backward
+(``set_materialize_grads(False)``).
 """
 from __future__ import annotations
 
@@ -40,7 +44,6 @@ from torch import Tensor, nn
 
 from ftkernels import _common as common
 from ftkernels import reference
-from ftkernels._common import Specialization
 from ftkernels.frame_norm import FrameNorm
 from ftkernels.multichannel_linear import MultichannelLinear
 
@@ -58,29 +61,28 @@ def saves_relu(dtype: torch.dtype) -> bool:
 
 
 def forward(x, w1pw, w2pw, w1dw, b1pw, b1dw, w2dw, b2pw, b2dw, nw, nb, eps: float, norm: bool):
-    """(out, hidden, mean, rstd); hidden = relu(z) or relu(z)^2 (``saves_relu``); mean/rstd empty when norm
-    is False."""
+    """(out, hidden, mean, rstd, y1, y2); hidden = relu(z) or relu(z)^2 (``saves_relu``); mean/rstd empty when
+    norm is False; y1 / y2 = linear1's / linear2's position-wise output where it has a mix, else empty."""
     if norm:
         mean, rstd = _fn.stats(x, eps)
-        gamma, beta = _fn._affine(x, nw, nb)
-        norm_args = (mean, rstd, gamma, beta)
+        norm_args = (mean, rstd, *_fn._affine(x, nw, nb))
     else:
         mean, rstd = (x.new_empty(0, dtype=common.stats_dtype(x.dtype)) for _ in range(2))
         norm_args = None
     relu = saves_relu(x.dtype)
-    hidden = _mcl.forward(x, w1pw, w1dw, b1pw, b1dw, activation=_mcl.ACT_RELU if relu else _mcl.ACT_SQRELU,
-                          norm=norm_args)
-    out = _mcl.forward(hidden, w2pw, w2dw, b2pw, b2dw, square_x=relu)
-    return out, hidden, mean, rstd
+    hidden, y1 = _mcl.forward(x, w1pw, w1dw, b1pw, b1dw, activation=_mcl.ACT_RELU if relu else _mcl.ACT_SQRELU,
+                              norm=norm_args)
+    out, y2 = _mcl.forward(hidden, w2pw, w2dw, b2pw, b2dw, square_x=relu)
+    return out, hidden, mean, rstd, y1, y2
 
 
-def backward(grad, x, hidden, mean, rstd, w1pw, w2pw, w1dw, b1pw, w2dw, b2pw, nw, nb, has_b1dw, has_b2dw, eps,
-             norm):
+def backward(grad, x, hidden, mean, rstd, y1, y2, w1pw, w2pw, w1dw, w2dw, nw, nb, has_b1pw, has_b1dw, has_b2pw,
+             has_b2dw, norm):
     """Gradients in _PARAMS order after dx: [dx, dw1pw, dw2pw, dw1dw, db1pw, db1dw, dw2dw, db2pw, db2dw, dnw, dnb]."""
-    dz, dw2pw, dw2dw, db2pw, db2dw = _mcl.backward(grad, hidden, w2pw, w2dw, b2pw, b2pw is not None, has_b2dw,
+    dz, dw2pw, dw2dw, db2pw, db2dw = _mcl.backward(grad, hidden, y2, w2pw, w2dw, has_b2pw, has_b2dw,
                                                    sqrelu_input="relu" if saves_relu(x.dtype) else "h")
-    xn = _fn.forward(x, nw, nb, eps, saved_stats=(mean, rstd))[0] if norm else x
-    dxn, dw1pw, dw1dw, db1pw, db1dw = _mcl.backward(dz, xn, w1pw, w1dw, b1pw, b1pw is not None, has_b1dw)
+    norm_args = (mean, rstd, *_fn._affine(x, nw, nb)) if norm else None
+    dxn, dw1pw, dw1dw, db1pw, db1dw = _mcl.backward(dz, x, y1, w1pw, w1dw, has_b1pw, has_b1dw, norm=norm_args)
     dnw = dnb = None
     if norm:
         dx, dnw, dnb = _fn.backward(dxn, x, nw, mean, rstd)
@@ -97,64 +99,70 @@ def backward(grad, x, hidden, mean, rstd, w1pw, w2pw, w1dw, b1pw, w2dw, b2pw, nw
 def _ffn_op(x: Tensor, weight1_pw: Tensor, weight2_pw: Tensor, weight1_dw: Optional[Tensor],
             bias1_pw: Optional[Tensor], bias1_dw: Optional[Tensor], weight2_dw: Optional[Tensor],
             bias2_pw: Optional[Tensor], bias2_dw: Optional[Tensor], norm_weight: Optional[Tensor],
-            norm_bias: Optional[Tensor], eps: float, norm: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+            norm_bias: Optional[Tensor], eps: float, norm: bool
+            ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(out, hidden, mean, rstd, y1, y2): every output but out is saved-only (see the module docstring)."""
     return forward(x, weight1_pw, weight2_pw, weight1_dw, bias1_pw, bias1_dw, weight2_dw, bias2_pw, bias2_dw,
                    norm_weight, norm_bias, eps, norm)
-
-
-def _shapes(x, w1pw, w2pw, w1dw, w2dw):
-    B, C, F, W = x.shape
-    C1 = w1dw.shape[0] if w1dw is not None else C
-    C2 = w2dw.shape[0] if w2dw is not None else C1
-    return (B, C1, w1pw.shape[1], W), (B, C2, w2pw.shape[1], W), (B, C, W)
 
 
 @_ffn_op.register_fake
 def _(x, weight1_pw, weight2_pw, weight1_dw, bias1_pw, bias1_dw, weight2_dw, bias2_pw, bias2_dw, norm_weight,
       norm_bias, eps, norm):
-    h_shape, out_shape, stat_shape = _shapes(x, weight1_pw, weight2_pw, weight1_dw, weight2_dw)
-    stat = x.new_empty(stat_shape if norm else (0,), dtype=common.stats_dtype(x.dtype))
-    return x.new_empty(out_shape), x.new_empty(h_shape), stat, torch.empty_like(stat)
+    B, C, F, W = x.shape
+    H, F2 = weight1_pw.shape[1], weight2_pw.shape[1]
+    C1 = weight1_dw.shape[0] if weight1_dw is not None else C
+    C2 = weight2_dw.shape[0] if weight2_dw is not None else C1
+    stat = x.new_empty((B, C, W) if norm else (0,), dtype=common.stats_dtype(x.dtype))
+    y1 = x.new_empty((B, C, H, W) if weight1_dw is not None else (0,))
+    y2 = x.new_empty((B, C1, F2, W) if weight2_dw is not None else (0,))
+    return x.new_empty((B, C2, F2, W)), x.new_empty((B, C1, H, W)), stat, torch.empty_like(stat), y1, y2
 
 
 @torch.library.custom_op("ftkernels::squared_relu_ffn_backward", mutates_args=())
-def _ffn_backward_op(grad: Tensor, x: Tensor, hidden: Tensor, mean: Tensor, rstd: Tensor, weight1_pw: Tensor,
-                     weight2_pw: Tensor, weight1_dw: Optional[Tensor], bias1_pw: Optional[Tensor],
-                     weight2_dw: Optional[Tensor], bias2_pw: Optional[Tensor], norm_weight: Optional[Tensor],
-                     norm_bias: Optional[Tensor], has_bias1_dw: bool, has_bias2_dw: bool, eps: float,
+def _ffn_backward_op(grad: Tensor, x: Tensor, hidden: Tensor, mean: Tensor, rstd: Tensor, y1: Tensor, y2: Tensor,
+                     weight1_pw: Tensor, weight2_pw: Tensor, weight1_dw: Optional[Tensor],
+                     weight2_dw: Optional[Tensor], norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
+                     has_bias1_pw: bool, has_bias1_dw: bool, has_bias2_pw: bool, has_bias2_dw: bool,
                      norm: bool) -> List[Tensor]:
-    grads = backward(grad, x, hidden, mean, rstd, weight1_pw, weight2_pw, weight1_dw, bias1_pw, weight2_dw, bias2_pw,
-                     norm_weight, norm_bias, has_bias1_dw, has_bias2_dw, eps, norm)
+    grads = backward(grad, x, hidden, mean, rstd, y1, y2, weight1_pw, weight2_pw, weight1_dw, weight2_dw,
+                     norm_weight, norm_bias, has_bias1_pw, has_bias1_dw, has_bias2_pw, has_bias2_dw, norm)
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
 @_ffn_backward_op.register_fake
-def _(grad, x, hidden, mean, rstd, weight1_pw, weight2_pw, weight1_dw, bias1_pw, weight2_dw, bias2_pw, norm_weight,
-      norm_bias, has_bias1_dw, has_bias2_dw, eps, norm):
+def _(grad, x, hidden, mean, rstd, y1, y2, weight1_pw, weight2_pw, weight1_dw, weight2_dw, norm_weight, norm_bias,
+      has_bias1_pw, has_bias1_dw, has_bias2_pw, has_bias2_dw, norm):
+    b1pw = weight1_pw[:, :, 0] if has_bias1_pw else None
+    b2pw = weight2_pw[:, :, 0] if has_bias2_pw else None
     b1dw = weight1_dw[:, 0] if weight1_dw is not None and has_bias1_dw else None
     b2dw = weight2_dw[:, 0] if weight2_dw is not None and has_bias2_dw else None
     C, F = x.shape[1], x.shape[2]
     nw = x.new_empty((C, F)) if norm else None
-    like = (x, weight1_pw, weight2_pw, weight1_dw, bias1_pw, b1dw, weight2_dw, bias2_pw, b2dw, nw, nw)
+    like = (x, weight1_pw, weight2_pw, weight1_dw, b1pw, b1dw, weight2_dw, b2pw, b2dw, nw, nw)
     # new contiguous gradients whatever the inputs' strides, as the kernels return them
     return [x.new_empty(t.shape) if t is not None else x.new_empty(0) for t in like]
 
 
 def _setup_context(ctx, inputs, output):
     x, w1pw, w2pw, w1dw, b1pw, b1dw, w2dw, b2pw, b2dw, nw, nb, eps, norm = inputs
-    _, hidden, mean, rstd = output
-    ctx.save_for_backward(x, hidden, mean, rstd, w1pw, w2pw, w1dw, b1pw, w2dw, b2pw, nw, nb)
+    _, hidden, mean, rstd, y1, y2 = output
+    ctx.save_for_backward(x, hidden, mean, rstd, y1, y2, w1pw, w2pw, w1dw, w2dw, nw, nb)
     ctx.present = [t is not None for t in (x, w1pw, w2pw, w1dw, b1pw, b1dw, w2dw, b2pw, b2dw)]
     ctx.present += [norm and nw is not None, norm and nb is not None]
-    ctx.eps, ctx.norm = eps, norm
-    ctx.mark_non_differentiable(hidden, mean, rstd)
+    ctx.norm = norm
+    ctx.mark_non_differentiable(hidden, mean, rstd, y1, y2)
+    ctx.set_materialize_grads(False)  # the saved-only outputs cost no zero-filled gradients
 
 
-def _backward(ctx, grad, _dhidden, _dmean, _drstd):
-    x, hidden, mean, rstd, w1pw, w2pw, w1dw, b1pw, w2dw, b2pw, nw, nb = ctx.saved_tensors
-    grads = _ffn_backward_op(grad, x, hidden, mean, rstd, w1pw, w2pw, w1dw, b1pw, w2dw, b2pw, nw, nb,
-                             ctx.present[5], ctx.present[8], ctx.eps, ctx.norm)
-    return tuple(g if p else None for g, p in zip(grads, ctx.present)) + (None, None)
+def _backward(ctx, grad, _dhidden, _dmean, _drstd, _dy1, _dy2):
+    if grad is None:  # the output took no part in the loss
+        return (None,) * 13
+    x, hidden, mean, rstd, y1, y2, w1pw, w2pw, w1dw, w2dw, nw, nb = ctx.saved_tensors
+    p = ctx.present
+    grads = _ffn_backward_op(grad, x, hidden, mean, rstd, y1, y2, w1pw, w2pw, w1dw, w2dw, nw, nb, p[4], p[5],
+                             p[7], p[8], ctx.norm)
+    return tuple(g if q else None for g, q in zip(grads, p)) + (None, None)
 
 
 _ffn_op.register_autograd(_backward, setup_context=_setup_context)
@@ -237,9 +245,3 @@ class SquaredReLUFeedForward(common.BackendAttribute, nn.Module):
                                 l2.bias_pw, l2.bias_dw, n.weight if n is not None else None,
                                 n.bias if n is not None else None, n.eps if n is not None else 1e-5,
                                 norm=n is not None, backend=self.backend)
-
-
-def compile_specializations() -> List[Specialization]:
-    """The feed-forward launches only multichannel-linear and frame-norm kernels; their gates list every
-    variant it uses (norm prologue, squared-ReLU epilogue, 2*sqrt(h) epilogue, stats-only norm pass)."""
-    return []

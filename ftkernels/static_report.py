@@ -187,10 +187,11 @@ def _attn(mults: int) -> Callable:
 # elementwise kernels count their arithmetic per element roughly (they are memory-bound either way).
 FLOP_MODELS: Dict[str, Callable[[Dict[str, list], List[int]], float]] = {
     "_positionwise_kernel": lambda a, g: 2 * _val(a["K"]) * _numel(a["out_ptr"]),
-    "_positionwise_mix_kernel": lambda a, g: 2 * _val(a["K"]) * _val(a["M"]) * _val(a["N"]) * _val(a["C_in"]) * g[2]
-    + 2 * _val(a["C_in"]) * _numel(a["out_ptr"]),
     "_channel_mix_kernel": lambda a, g: 2 * _val(a["K"]) * _numel(a["out_ptr"]),
-    "_weight_grad_kernel": lambda a, g: 2 * _val(a["M"]) * _val(a["N"]) * _val(a["K"]) * g[1],
+    "_weight_grad_kernel": lambda a, g: 2 * _val(a["M"]) * _val(a["N"]) * _val(a["K1"]) * _val(a["K0"]) * g[1],
+    # dy = W^T grad and dW = grad y^T over B x N columns
+    "_mix_backward_kernel": lambda a, g: 4 * _val(a["C_OUT"]) * _val(a["C_IN"]) * _val(a["N"])
+    * (_val(a["CHUNKS"]) // _val(a["CHUNKS_PER_BATCH"])),
     "_frame_norm_fwd_kernel": lambda a, g: 8 * _val(a["F"]) * _val(a["W"]) * _val(a["C"]) * g[2],
     "_frame_norm_bwd_kernel": lambda a, g: 12 * _val(a["F"]) * _val(a["W"]) * _val(a["C"]) * g[2],
     "_partial_sum_kernel": lambda a, g: 2 * _val(a["ROWS"]) * _val(a["N"]),
@@ -367,8 +368,8 @@ def _ffn_pieces(a, backward: bool) -> List[Piece]:
     H = w1[2][1]
     h = _with_shape(x, (B, C1, H, W))
     hb = _bytes(h)
-    bias1 = _t(a, "bias1_pw") is not None
-    bias2 = _t(a, "bias2_pw") is not None
+    bias1 = _t(a, "bias1_pw") is not None or bool(a.get("has_bias1_pw", ["b", False])[1])
+    bias2 = _t(a, "bias2_pw") is not None or bool(a.get("has_bias2_pw", ["b", False])[1])
     p = []
     if not backward:
         if norm:
@@ -411,8 +412,8 @@ def torch_composition(call: dict) -> List[Piece]:
     base = op[: -len("_backward")] if backward else op
     if base == "multichannel_linear":
         x = _t(a, "x")
-        has_bias = (_t(a, "bias_pw") is not None) or bool(a.get("has_bias_dw", ["b", False])[1]) or \
-            (_t(a, "bias_dw") is not None)
+        has_bias = any(bool(a.get(n, ["b", False])[1]) for n in ("has_bias_pw", "has_bias_dw")) or \
+            (_t(a, "bias_pw") is not None) or (_t(a, "bias_dw") is not None)
         return _linear_pieces(x, _t(a, "weight_pw"), _t(a, "weight_dw"), has_bias, backward)
     if base == "frame_norm":
         out_dtype = a.get("out_dtype")
@@ -514,6 +515,7 @@ class Analysis:
         self.failures = gate_json.get("failures", [])
         self.specs: List[Spec] = []
         self.spec_of: Dict[Tuple[int, int], Spec] = {}  # (launch index, arch) -> spec
+        self._picked: Dict[int, set] = {}
         for bd, r in zip(gate_json["builds"], gate_json["results"]):
             b = Build(**bd)
             if "error" in r:
@@ -556,17 +558,42 @@ class Analysis:
         return seen
 
     def select(self, workload: str, dtype: str) -> List[int]:
-        """The launches of a workload in a dtype, an autotuned call once (its first config: the recorder records
-        one launch per config so that the gate builds them all, but the call runs one)."""
-        return [i for i, l in enumerate(self.launches) if l.workload == workload and l.dtype == dtype
-                and not l.autotune]
+        """The launches of a workload in a dtype, every config of an autotuned call (the recorder records one
+        launch per config so that the gate builds them all; predictions count :meth:`picked` ones only)."""
+        return [i for i, l in enumerate(self.launches) if l.workload == workload and l.dtype == dtype]
+
+    def picked(self, arch: int) -> set:
+        """The launches that count in predictions: every launch, except that of an autotuned call's configs
+        (recorded one after another, config 0 first) only the one with the lowest predicted time counts,
+        standing for the autotuner's pick (it times them all on the GPU and keeps the fastest)."""
+        if arch not in self._picked:
+            keep, group = set(), []
+
+            def close():
+                if group:
+                    keep.add(min(group, key=lambda i: self.launch_cost(i, arch)["predicted_s"]))
+                group.clear()
+
+            for i, l in enumerate(self.launches):
+                if l.autotune is None or l.autotune == 0:
+                    close()
+                if l.autotune is None:
+                    keep.add(i)
+                else:
+                    group.append(i)
+            close()
+            self._picked[arch] = keep
+        return self._picked[arch]
 
     # ---- per workload
     def step_prediction(self, workload: str, dtype: str, arch: int) -> dict:
         """Per op class: Triton launches (+ PyTorch work inside the ops) vs the plain-PyTorch composition."""
         chip = CHIPS[arch]
         classes: Dict[str, Dict[str, float]] = collections.defaultdict(lambda: collections.defaultdict(float))
+        picked = self.picked(arch)
         for i in self.select(workload, dtype):
+            if i not in picked:
+                continue
             c = self.launch_cost(i, arch)
             row = classes[op_class(c["op"]) if c["op"] else "(outside ops)"]
             row["triton_s"] += c["predicted_s"]
@@ -595,11 +622,13 @@ class Analysis:
                 "roofline_s": sum(r["roofline_s"] for r in classes.values())}
 
     def spec_rows(self, indices: Iterable[int], arch: int) -> List[dict]:
-        """One row per specialization used by these launches, with the launches' total FLOPs/bytes/times."""
+        """One row per specialization used by these launches (autotuned calls: the predicted pick), with the
+        launches' total FLOPs/bytes/times."""
         rows: Dict[str, dict] = {}
+        picked = self.picked(arch)
         for i in indices:
             s = self.spec_of.get((i, arch))
-            if s is None:
+            if s is None or i not in picked:
                 continue
             c = self.launch_cost(i, arch)
             r = rows.get(s.key)

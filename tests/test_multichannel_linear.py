@@ -1,15 +1,17 @@
 """multichannel_linear: interpreted Triton kernels vs the float64 reference, forward and every gradient."""
 import math
+import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ftkernels
 from ftkernels import reference
-from helpers import LOW_PRECISION, KERNEL_DEVICE, assert_backends_agree, assert_close_all, assert_low_precision_ok, \
-    gpu_or_cpu, grads, op_module, rand
+from helpers import LOW_PRECISION, KERNEL_DEVICE, ORACLE_TOL, VIEW_KINDS, OpCase, as_layout, assert_backends_agree, \
+    assert_close_all, assert_low_precision_ok, case_args, gpu_or_cpu, grads, op_module, rand, run_case
 
 mcl = op_module("multichannel_linear")
 
@@ -37,13 +39,15 @@ def check_against_reference(x, p, atol=1e-10, rtol=1e-9):
     assert_close_all(grads(out, inputs, g), grads(ref, inputs, g), atol, rtol, names)
 
 
-# (B, C_in, C_out, F_in, F_out, W, pw, dw, bias, noncontig): fused mix (C_out <= 8), two-pass (C_out > 8),
-# position-wise only, depth-wise only, W smaller than a block, W = 1, F = 1, non-contiguous frames.
+# (B, C_in, C_out, F_in, F_out, W, pw, dw, bias, noncontig): small mixes (the fused mix backward), a wide one
+# (C_out > 64: separate dy and weight-gradient kernels), position-wise only, depth-wise only, W smaller than a
+# block, W = 1, F = 1, non-contiguous frames.
 CASES = [
     (2, 3, 3, 5, 7, 11, True, False, True, False),
     (2, 3, 2, 5, 7, 11, True, True, True, False),
     (1, 3, 8, 17, 9, 13, True, True, False, True),
     (1, 3, 11, 17, 9, 13, True, True, True, False),
+    (2, 3, 70, 17, 9, 13, True, True, True, True),
     (2, 5, 3, 6, 6, 9, False, True, True, True),
     (1, 2, 13, 4, 4, 3, False, True, False, False),
     (3, 1, 1, 1, 1, 1, True, True, True, False),
@@ -107,11 +111,13 @@ def test_seed_rules_for_which_weights_exist():
     assert ftkernels.MultichannelLinear(4, 2, 8, 8).weight_dw is not None
 
 
-def test_fused_and_two_pass_paths_agree():
-    """C_out = 8 takes the fused kernel, 9 the two-pass path: both match the reference."""
-    for C_out in (8, 9):
-        x, p = make(2, 3, C_out, 20, 18, 21)
-        check_against_reference(x, p)
+@pytest.mark.parametrize("C_out,F_out", [(16, 64), (17, 65), (64, 9), (65, 9)])
+def test_shape_classes_agree_at_their_boundaries(C_out, F_out):
+    """The launch code picks a config list by shape: the mix by C_out (16 | 64), the position-wise GEMM by F_out
+    (64), the weight gradients by min(F_out, F_in) (64); the mix's backward is one fused pass up to 64 channels.
+    Both sides of each boundary match the reference."""
+    x, p = make(1, 3, C_out, 64, F_out, 9)
+    check_against_reference(x, p)
 
 
 def test_cpu_auto_backend_is_reference():
@@ -164,9 +170,10 @@ def test_autocast_casts_to_autocast_dtype():
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
-@pytest.mark.parametrize("C_out", [4, 16])
+@pytest.mark.parametrize("C_out", [4, 80])
 def test_low_precision_tolerance_rule(dtype, C_out):
-    """FlashAttention's rule, forward and every gradient, fused (C_out = 4) and two-pass (16) paths."""
+    """FlashAttention's rule, forward and every gradient, a small mix (C_out = 4: fused mix backward) and a wide
+    one (80: separate dy and weight-gradient kernels)."""
     B, C_in, F_in, F_out, W = gpu_or_cpu((4, 8, 256, 384, 256), (2, 3, 40, 48, 37))
     x, p = make(B, C_in, C_out, F_in, F_out, W, dtype=dtype)
     out = ftkernels.multichannel_linear(x, **p, backend="triton")
@@ -180,3 +187,188 @@ def test_low_precision_tolerance_rule(dtype, C_out):
     for n, a, b, c in zip(names, grads(out, [x, *p.values()], g.to(dtype)), grads(ref_low, [x, *p.values()],
                           g.to(dtype)), grads(ref64, [x64, *p64.values()], g)):
         assert_low_precision_ok(a, b, c, f"d{n} {dtype}")
+
+
+# ----------------------------------------------------------------------------------------------
+# kernel variants: every autotune config, split K, the wide-mix path under the cross-op checks, TF32, and no
+# zero-filled gradients
+
+
+def _tile_configs():
+    """(kernel, config) for every distinct tile config in the autotune lists (warps and stages do not change
+    what the interpreter computes)."""
+    seen = {}
+    for (kernel, _, _), configs in mcl.CONFIGS.items():
+        for c in configs:
+            seen.setdefault((kernel, tuple(sorted(c.kwargs.items()))), c)
+    return [pytest.param(k, c, id=k + "-" + "-".join(f"{n}{v}" for n, v in kw)) for (k, kw), c in seen.items()]
+
+
+TILE_CONFIGS = _tile_configs()
+
+
+# per kernel, the layers that run it, sized to cross every config's tiles (BM, BN up to 128 / 256, BK up to 128)
+# and no larger (the interpreter runs them): (B, C_in, C_out, F_in, F_out, W, pw, dw)
+_PW_LAYER = (2, 2, 2, 70, 130, 70, True, False)  # position-wise GEMMs: N = B x W = 140; weight grads "gemm" class
+_WIDE_MIX = (1, 3, 66, 5, 5, 60, False, True)  # wide mix (C_out > 64): N = F x W = 300; weight grads "thin"
+_SMALL_MIX = (1, 3, 5, 5, 5, 60, False, True)  # the fused mix backward: N = 300
+LAYERS_OF = {"pw": [_PW_LAYER], "mix": [_WIDE_MIX], "wg": [_PW_LAYER, _WIDE_MIX], "mixb": [_SMALL_MIX]}
+
+
+@pytest.mark.parametrize("kernel,config", TILE_CONFIGS)
+def test_every_autotune_config_matches_reference(kernel, config, monkeypatch):
+    """Every GPU config of every kernel, forced through the interpreter (which otherwise runs one config) on the
+    layers that launch that kernel, with an H100's SM count so the weight gradients split K and the partial sums
+    run too. test_squared_relu_ffn runs them through the feed-forward's prologues."""
+    monkeypatch.setattr(mcl, "_num_sms", lambda device: 132)
+    with mcl.forced_config(kernel, config):
+        for B, C_in, C_out, F_in, F_out, W, pw, dw in LAYERS_OF[kernel]:
+            x, p = make(B, C_in, C_out, F_in, F_out, W, pw=pw, dw=dw, noncontig=True)
+            check_against_reference(x, p)
+
+
+def test_split_k_partials_match_reference(monkeypatch):
+    """Weight gradients split along K into fp32 partials (along the batch for the position-wise weights, along
+    the flat (feature, frame) index for a wide mix's), summed in a fixed order by one reduce launch per
+    backward call: equal to the reference, and the splits really happen."""
+    monkeypatch.setattr(mcl, "_num_sms", lambda device: 132)
+    splits = []
+    real = mcl._splits
+    monkeypatch.setattr(mcl, "_splits", lambda *a: splits.append(real(*a)) or splits[-1])
+    for C_out, W in ((5, 300), (66, 40)):  # batch splits need B x W >= 1024; frame splits F_out x W >= 512
+        x, p = make(4, 3, C_out, 20, 24, W)
+        check_against_reference(x, p)
+    assert any(s0 == 1 and total > 1 for _, _, s0, total in splits), splits  # batch (k1) splits
+    assert any(s0 > 1 for _, _, s0, _ in splits), splits  # frame (k0) splits
+
+
+WIDE_CASES = [
+    OpCase("multichannel_linear-wide_mix", ftkernels.multichannel_linear,
+           dict(x=(2, 3, 5, 7), weight_pw=(3, 6, 5), weight_dw=(66, 3), bias_pw=(3, 6), bias_dw=(66,))),
+    OpCase("multichannel_linear-wide_depthwise", ftkernels.multichannel_linear,
+           dict(x=(2, 3, 5, 7), weight_dw=(66, 3), bias_dw=(66,))),
+]
+
+
+@pytest.mark.parametrize("case,arg", case_args(WIDE_CASES))
+def test_wide_mix_layouts_and_nonfinite(case, arg):
+    """The wide-mix path (C_out > 64), which the shared OP_CASES (small mixes) do not take, under the cross-op
+    checks of test_layouts and test_nonfinite: every argument as each view kind, then NaN/+Inf/-Inf in it."""
+    from test_nonfinite import SPECIALS, _check
+
+    for kind in VIEW_KINDS:
+        args = case.make()
+        grad = None
+        if arg == "grad":
+            with torch.no_grad():
+                grad = as_layout(case.grad_out(case(args, "reference")), kind)
+        else:
+            args[arg] = as_layout(args[arg], kind)
+        out, g = run_case(case, args, "triton", grad)
+        ref, g_ref = run_case(case, args, "reference", grad)
+        torch.testing.assert_close(out, ref, **ORACLE_TOL)
+        assert_close_all([g[n] for n in g_ref], list(g_ref.values()), names=[f"d{n}" for n in g_ref], **ORACLE_TOL)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=RuntimeWarning)
+        for value in SPECIALS:
+            _check(case, arg, value, index=5)
+
+
+@pytest.mark.parametrize("case", WIDE_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("layout", ["contiguous", "views"])
+def test_wide_mix_opcheck(case, layout):
+    from test_torch_library import _detached, _grad_like, _saved, _views
+
+    a = _views(case.make(), layout)
+    fwd = (a["x"], a.get("weight_pw"), a.get("weight_dw"), a.get("bias_pw"), a.get("bias_dw"))
+    torch.library.opcheck(torch.ops.ftkernels.multichannel_linear.default, fwd)
+    out, y = torch.ops.ftkernels.multichannel_linear(*_detached(fwd))
+    x, w_pw, w_dw = _detached(fwd[:3])
+    bwd = (_grad_like(out, layout), x, _saved(y, "transposed", layout), w_pw, w_dw, "bias_pw" in a, "bias_dw" in a)
+    torch.library.opcheck(torch.ops.ftkernels.multichannel_linear_backward.default, bwd)
+
+
+@pytest.mark.skipif(KERNEL_DEVICE == "cuda", reason="records launches under the interpreter")
+@pytest.mark.parametrize("how", ["allow_tf32", "float32_matmul_precision"])
+def test_fp32_dots_follow_torch_tf32_setting(how):
+    """Every tl.dot's input precision is chosen at launch from torch's setting: "ieee" by default (as
+    torch.matmul: full fp32), "tf32" for fp32 inputs once torch allows TF32 (either switch), "ieee" (no-op) for
+    bf16. The fp32 kernels run both ways."""
+    from ftkernels import _launch_recorder as lr
+
+    def precisions(dtype):
+        with lr.recording() as rec, lr.workload(rec, "tf32", "-"):
+            for C_out in (5, 66):  # every kernel: small and wide mix backward
+                x, p = make(2, 3, C_out, 8, 9, 7, dtype=dtype, device="meta")
+                out = ftkernels.multichannel_linear(x, **p)
+                torch.autograd.grad(out, [x, *p.values()], torch.empty_like(out))
+        kernels = {l.kernel.split(":")[-1] for l in rec.launches if "PRECISION" in l.args}
+        assert kernels == {"_positionwise_kernel", "_channel_mix_kernel", "_weight_grad_kernel",
+                           "_mix_backward_kernel"}, kernels
+        return {l.args["PRECISION"][1] for l in rec.launches if "PRECISION" in l.args}
+
+    assert (precisions(torch.float32), precisions(torch.bfloat16)) == ({"ieee"}, {"ieee"})
+    x, p = make(2, 3, 5, 40, 24, 19, dtype=torch.float32)
+    ref = reference.multichannel_linear(x.double(), **{k: v.double() for k, v in p.items()})
+    allow, precision = torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()
+    try:
+        if how == "allow_tf32":
+            torch.backends.cuda.matmul.allow_tf32 = True
+        else:
+            torch.set_float32_matmul_precision("high")
+        assert (precisions(torch.float32), precisions(torch.bfloat16)) == ({"tf32"}, {"ieee"})
+        out = ftkernels.multichannel_linear(x, **p, backend="triton")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow
+        torch.set_float32_matmul_precision(precision)
+    torch.testing.assert_close(out.double(), ref, atol=1e-2, rtol=1e-2)  # TF32's 10-bit mantissa, or exact
+    assert precisions(torch.float32) == {"ieee"}
+
+
+class FillCounter(TorchDispatchMode):
+    """The zero-filled tensors (aten fills of more than one element) created while active."""
+
+    FILLS = {"zeros", "zeros_like", "new_zeros", "full", "full_like", "new_full", "fill_", "zero_"}
+
+    def __init__(self):
+        super().__init__()
+        self.fills = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func._schema.name.split("::")[-1].split(".")[0] in self.FILLS and isinstance(out, torch.Tensor) \
+                and out.numel() > 1:
+            self.fills.append((func._schema.name, tuple(out.shape)))
+        return out
+
+
+def assert_no_zero_gradients(out, inputs):
+    """Backward through ``out`` fills no zero tensor (and the counter does see autograd's zero-filled gradient
+    for an unused output of a Function that materializes them, autograd's default)."""
+
+    class TwoOutputs(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t * 2, t * 3
+
+        @staticmethod
+        def backward(ctx, ga, gb):
+            return ga * 2 + gb * 3
+
+    t = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    with FillCounter() as control:
+        torch.autograd.grad(TwoOutputs.apply(t)[0], [t], torch.ones(4, 5, dtype=torch.float64))
+    assert control.fills, "the counter should see autograd's zero gradient for the unused output"
+    g = torch.randn_like(out)
+    with FillCounter() as counter:
+        torch.autograd.grad(out, inputs, g)
+    assert counter.fills == [], counter.fills
+
+
+def test_saved_y_costs_no_zero_gradient():
+    """y, the position-wise output the op saves for the mix's weight gradient, is a non-differentiable output:
+    backward gets no zero-filled gradient for it."""
+    x, p = make(2, 3, 5, 8, 9, 7)
+    out, y = torch.ops.ftkernels.multichannel_linear(x, *p.values())
+    assert y.shape == (2, 3, 9, 7) and not y.requires_grad
+    assert_no_zero_gradients(out, [x, *p.values()])

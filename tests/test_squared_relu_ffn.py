@@ -1,4 +1,4 @@
-"""squared_relu_ffn: the fused feed-forward (norm prologue, relu^2 epilogue, 2*sqrt(h) backward) vs reference."""
+"""squared_relu_ffn: the fused feed-forward (norm prologues, relu^2 epilogue, 2*sqrt(h) backward) vs reference."""
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -6,8 +6,8 @@ from hypothesis import strategies as st
 
 import ftkernels
 from ftkernels import reference
-from helpers import LOW_PRECISION, KERNEL_DEVICE, OP_CASES, assert_close_all, assert_low_precision_ok, gpu_or_cpu, \
-    grads, op_module, rand
+from helpers import LOW_PRECISION, KERNEL_DEVICE, OP_CASES, OpCase, _ffn_shapes, assert_close_all, \
+    assert_low_precision_ok, gpu_or_cpu, grads, op_module, rand
 
 mcl = op_module("multichannel_linear")
 ffn_module = op_module("squared_relu_ffn")
@@ -50,8 +50,9 @@ def check(x, p, norm=True, atol=1e-10, rtol=1e-9):
 
 
 @pytest.mark.parametrize("kw", [
-    dict(B=2, C=3, F=6, W=9, H=12),                                  # fused norm + fused mix (C1 <= 8) + relu^2
-    dict(B=1, C=3, F=5, W=11, H=7, C1=10, noncontig=True),           # two-pass linear1 (C1 > 8)
+    dict(B=2, C=3, F=6, W=9, H=12),                                  # fused norm + small mix + relu^2
+    dict(B=1, C=3, F=5, W=11, H=7, C1=10, noncontig=True),           # small mix, non-contiguous x
+    dict(B=1, C=3, F=5, W=11, H=7, C1=67),                           # wide mix (C1 > 64)
     dict(B=2, C=2, F=7, W=5, H=14, dw1=False, bias=False),           # position-wise only
     dict(B=1, C=4, F=5, W=3, H=10, dw2=True, C2=3, F2=4),            # linear2 with a channel mix, new F
     dict(B=1, C=2, F=9, W=66, H=17, norm=False),                     # no norm
@@ -175,40 +176,75 @@ def test_squared_relu_range_ends(dtype, end, norm):
         assert checked or n.endswith("_dw"), f"d{n}: nothing checked"
 
 
-@pytest.mark.skipif(KERNEL_DEVICE == "cuda", reason="records launches under the interpreter")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_launches_are_gated_specializations(dtype, monkeypatch):
-    """Every kernel variant the feed-forward launches in fp16 (the saved-relu design) and fp32 (saved h) is
-    one the compile gate builds (tests/test_compile_gate.py sweeps fp32 launches only)."""
-    from ftkernels._common import spec as make_spec
+# ----------------------------------------------------------------------------------------------
+# kernel variants: every autotune config through the feed-forward's prologues/epilogues, the wide-mix path
+# under the cross-op checks, no zero-filled gradients
 
-    dt = {torch.float16: "fp16", torch.float32: "fp32"}[dtype]
-    gated = {(s.kernel_name, s.constexprs) for mod in (mcl, op_module("frame_norm"))
-             for s in mod.compile_specializations() if s.dtype == dt}
-    seen = set()
 
-    class Recorder:
-        def __init__(self, name, fn):
-            self.name, self.fn = name, fn
+def _tile_configs():
+    from test_multichannel_linear import TILE_CONFIGS
+    return TILE_CONFIGS
 
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                cx = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")}
-                seen.add((self.name, make_spec("m", self.name, dt, cx).constexprs))
-                return self.fn[grid](*args, **kw)
-            return launch
 
-    for mod in (mcl, op_module("frame_norm")):
-        for attr in dir(mod):
-            if attr.endswith("_kernel"):
-                monkeypatch.setattr(mod, attr, Recorder(attr, getattr(mod, attr)))
-    for case in [c for c in OP_CASES if c.id.startswith("squared_relu_ffn")]:
-        for norm in (True, False):
-            args = case.make(dtype=dtype)
-            out = case.fn(**args, norm=norm, backend="triton")
-            torch.autograd.grad(out, list(args.values()), torch.ones_like(out), allow_unused=True)
-    kernels = {k for k, _ in seen}
-    assert {"_positionwise_kernel", "_positionwise_mix_kernel", "_channel_mix_kernel", "_weight_grad_kernel",
-            "_frame_norm_fwd_kernel", "_frame_norm_bwd_kernel"} <= kernels
-    missing = seen - gated
-    assert not missing, f"{dt} launches missing from compile_specializations(): {sorted(missing, key=str)}"
+# per kernel, feed-forwards that launch it, sized to cross every config's tiles and no larger (the interpreter
+# runs them): make(B, C, F, W, H, ...) keyword sets
+_FFN_GEMMS = dict(B=2, C=2, F=70, W=70, H=130, dw1=False)  # position-wise GEMMs and their weight gradients
+_FFN_WIDE = dict(B=1, C=3, F=5, W=60, H=5, C1=66)  # linear1's wide mix with the relu^2 epilogue: N = 300
+_FFN_SMALL = dict(B=1, C=3, F=5, W=60, H=5, C1=4, dw2=True, C2=3)  # fused mix backwards (relu^2 gradient)
+FFN_LAYERS_OF = {"pw": [_FFN_GEMMS], "wg": [_FFN_GEMMS, _FFN_WIDE], "mix": [_FFN_WIDE], "mixb": [_FFN_SMALL]}
+
+
+@pytest.mark.parametrize("kernel,config", _tile_configs())
+def test_every_autotune_config_in_the_feed_forward(kernel, config, saved, monkeypatch):
+    """Every GPU config of every kernel, forced through the interpreter, in both saved-activation designs: the
+    norm prologue (position-wise forward and weight gradient), the squaring prologue (saved relu(z)), the
+    activation and squared-ReLU-gradient epilogues, small and wide mixes; split K on (an H100's SM count)."""
+    monkeypatch.setattr(mcl, "_num_sms", lambda device: 132)
+    with mcl.forced_config(kernel, config):
+        for kw in FFN_LAYERS_OF[kernel]:
+            check(*make(**kw, noncontig=True))
+
+
+FFN_WIDE = OpCase("squared_relu_ffn-wide_mix", ftkernels.squared_relu_ffn, _ffn_shapes(C1=66))
+
+
+@pytest.mark.parametrize("arg", ["x", "weight1_dw", "bias1_dw", "grad"])
+def test_wide_mix_layouts_and_nonfinite(arg):
+    """linear1's wide mix (C1 > 64: separate dy and weight-gradient kernels), which the shared OP_CASES do not
+    take, under test_layouts' and test_nonfinite's checks for the arguments that flow through it."""
+    from test_multichannel_linear import test_wide_mix_layouts_and_nonfinite as check_case
+
+    check_case(FFN_WIDE, arg)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "views"])
+def test_wide_mix_opcheck(layout):
+    from test_torch_library import _FFN, _detached, _grad_like, _saved, _views
+
+    a = _views(FFN_WIDE.make(), layout)
+    p = [a.get(n) for n in _FFN]
+    fwd = (a["x"], *p, 1e-5, True)
+    torch.library.opcheck(torch.ops.ftkernels.squared_relu_ffn.default, fwd)
+    out, hidden, mean, rstd, y1, y2 = torch.ops.ftkernels.squared_relu_ffn(*_detached(fwd))
+    hidden, mean, rstd, y1 = (_saved(t, k, layout) for t, k in ((hidden, "transposed"), (mean, "step2"),
+                                                                 (rstd, "offset"), (y1, "transposed")))
+    w1pw, w2pw, w1dw, b1pw, b1dw, w2dw, b2pw, b2dw, nw, nb = _detached(p)
+    bwd = (_grad_like(out, layout), a["x"].detach(), hidden, mean, rstd, y1, y2, w1pw, w2pw, w1dw, w2dw, nw, nb,
+           b1pw is not None, b1dw is not None, b2pw is not None, b2dw is not None, True)
+    torch.library.opcheck(torch.ops.ftkernels.squared_relu_ffn_backward.default, bwd)
+
+
+@pytest.mark.parametrize("dw", [False, True])
+def test_saved_only_outputs_cost_no_zero_gradients(dw):
+    """hidden, mean, rstd and the saved position-wise outputs y1 / y2 are non-differentiable outputs of the op:
+    backward gets no zero-filled gradients for them (it used to get one per output and call)."""
+    from test_multichannel_linear import assert_no_zero_gradients
+
+    x, p = make(2, 3, 6, 7, H=12, C1=4 if dw else None, dw1=dw, dw2=dw, C2=5)
+    args = [p[n] for n in ("weight1_pw", "weight2_pw", "weight1_dw", "bias1_pw", "bias1_dw", "weight2_dw", "bias2_pw",
+                           "bias2_dw", "norm_weight", "norm_bias")]
+    out, *saved_only = torch.ops.ftkernels.squared_relu_ffn(x, *args, 1e-5, True)
+    assert [tuple(t.shape) for t in saved_only] == [(2, 4 if dw else 3, 12, 7), (2, 3, 7), (2, 3, 7)] + (
+        [(2, 3, 12, 7), (2, 4, 6, 7)] if dw else [(0,), (0,)])
+    assert not any(t.requires_grad for t in saved_only)
+    assert_no_zero_gradients(out, [x] + [t for t in args if t is not None])
