@@ -28,9 +28,27 @@ def test_estimate_prices():
                                           / (chip.peak_fp32 * sr.EFF["FFMA"]))
 
 
+def test_block_convs_price_every_other_conv():
+    """v4-micro at B 1, W 4: the 3x3 / 1x1 block convs' FLOPs, counted by hand from the modules."""
+    import torch
+    from frame_transformer.model import FrameConvProjection
+
+    net = FrameTransformer(PRESETS["v4-micro"], backend="reference")
+    frame = {id(m.conv) for m in net.modules() if isinstance(m, FrameConvProjection)}
+    flops = []
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d) and id(m) not in frame:
+            m.register_forward_hook(lambda m, i, o: flops.append(2 * o.numel() * m.weight[0].numel()))
+    net(torch.zeros(1, 2, PRESETS["v4-micro"].n_fft // 2, 4))
+    chip = sr.CHIPS[90]
+    assert len(flops) > 10
+    assert fcr.block_conv_seconds("v4-micro", 1, 4, chip) == pytest.approx(
+        3 * sum(flops) / (chip.peak_tc16 * sr.EFF["wgmma"]))
+
+
 def test_cli(capsys):
     assert fcr.main(["--preset", "v4-micro", "--batch", "2", "--frames", "16", "--step-ms", "10"]) == 0
     out = capsys.readouterr().out
-    assert "STATIC ESTIMATE" in out and "total" in out and "% of the predicted" in out
+    assert "STATIC ESTIMATE" in out and "total" in out and "the most a fusion could save" in out
     with pytest.raises(SystemExit):
         fcr.main(["--preset", "linear"])
