@@ -12,11 +12,10 @@ means ``"auto"``) and can be changed with :func:`set_backend`; every functional 
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
 import os
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 
@@ -222,29 +221,3 @@ def kernel_dtype_ok(x: torch.Tensor, name: str = "x") -> None:
     """float64 runs in the interpreter (the test oracle) but is not a GPU specialization."""
     if x.dtype == torch.float64 and x.is_cuda:
         raise TypeError(f"{name}: the Triton kernels take fp32/fp16/bf16 on CUDA, got float64; use backend='reference'")
-
-
-# ----------------------------------------------------------------------------------------------
-# compile-gate declarations (each op module lists the specializations its launch code can pick;
-# ftkernels._compile_gate builds them)
-
-
-@dataclasses.dataclass(frozen=True)
-class Specialization:
-    name: str  # module-qualified kernel name, for messages
-    kernel_name: str  # attribute of the module holding the @triton.jit function
-    dtype: str  # "fp32" | "fp16" | "bf16"
-    constexprs: Tuple[Tuple[str, object], ...]
-    floats: Tuple[str, ...] = ()
-    num_warps: int = 4
-    num_stages: int = 3
-
-    def label(self) -> str:
-        cx = ",".join(f"{k}={v}" for k, v in self.constexprs)
-        return f"{self.name}[{self.dtype}; {cx}; warps={self.num_warps}, stages={self.num_stages}]"
-
-
-def spec(module: str, kernel_name: str, dtype: str, constexprs: Dict[str, object], floats=(), num_warps=4,
-         num_stages=3) -> Specialization:
-    return Specialization(f"{module.rsplit('.', 1)[-1]}.{kernel_name}", kernel_name, dtype,
-                          tuple(sorted(constexprs.items())), tuple(floats), num_warps, num_stages)

@@ -58,7 +58,6 @@ from torch import Tensor, nn
 
 from ftkernels import _common as common
 from ftkernels import reference
-from ftkernels._common import Specialization, spec
 
 # ----------------------------------------------------------------------------------------------
 # kernels
@@ -541,22 +540,3 @@ class FrameNorm(common.BackendAttribute, nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.weight.shape[0]}, features={self.weight.shape[1]}, eps={self.eps}"
-
-
-def compile_specializations() -> List[Specialization]:
-    """Every (dtype, constexprs) the launch code can pick, for F up to 2**13 (tests/test_squared_relu_ffn.py
-    checks the feed-forward's launches against this list; the compile gate builds the recorded launches)."""
-    out = []
-    for dt in ("fp32", "fp16", "bf16"):
-        seen = set()
-        for F in (2 ** i for i in range(14)):
-            for C in (2 ** i for i in range(5)):
-                for cl in (False, True):
-                    for store_y, load_stats in ((False, False), (True, False), (True, True)):
-                        cx = dict(STORE_Y=store_y, LOAD_STATS=load_stats,
-                                  **fwd_tiles(F, C, cl and store_y and C > 1, load_stats).constexprs())
-                        seen.add(("_frame_norm_fwd_kernel", tuple(sorted(cx.items()))))
-                    seen.add(("_frame_norm_bwd_kernel", tuple(sorted(bwd_tiles(F, C, cl and C > 1).constexprs().items()))))
-        seen.add(("_partial_sum_kernel", (("BN", SUM_BLOCK), ("BR", SUM_ROWS))))
-        out += [spec(__name__, k, dt, dict(cx), floats=("eps",) if "fwd" in k else ()) for k, cx in sorted(seen)]
-    return out
