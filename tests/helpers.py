@@ -183,12 +183,14 @@ def _ffn_shapes(C1=None, dw2=None, C=3, F=6, W=7, H=12, F2=5):
     return s
 
 
-# Fused / two-pass / single-part variants run different kernels (and different epilogues: the squared
-# ReLU sits in the position-wise, the fused-mix or the channel-mix kernel), so each is its own case.
+# Each variant runs different kernels or epilogues: position-wise + mix (the mix's fused backward; C_out 4 and 9),
+# mix only, the feed-forward with a mix in linear1 and/or linear2 (the squared ReLU in the position-wise or the
+# channel-mix kernel's epilogue) or position-wise only. Wide mixes (C_out > 64: separate backward kernels) are in
+# test_multichannel_linear.py / test_squared_relu_ffn.py (WIDE_CASES, FFN_WIDE).
 OP_CASES = [
-    OpCase("multichannel_linear-fused", ftkernels.multichannel_linear,
+    OpCase("multichannel_linear-pw_mix", ftkernels.multichannel_linear,
            dict(x=(2, 3, 5, 7), weight_pw=(3, 6, 5), weight_dw=(4, 3), bias_pw=(3, 6), bias_dw=(4,))),
-    OpCase("multichannel_linear-two_pass", ftkernels.multichannel_linear,
+    OpCase("multichannel_linear-pw_mix9", ftkernels.multichannel_linear,
            dict(x=(2, 3, 5, 7), weight_pw=(3, 6, 5), weight_dw=(9, 3), bias_pw=(3, 6), bias_dw=(9,))),
     OpCase("multichannel_linear-depthwise", ftkernels.multichannel_linear,
            dict(x=(2, 3, 5, 7), weight_dw=(4, 3), bias_dw=(4,))),
@@ -197,8 +199,8 @@ OP_CASES = [
     OpCase("frame_norm-channels_last", frame_norm_channels_last, dict(x=(2, 5, 13, 9), weight=(5, 13), bias=(5, 13)),
            torch_op=layer_norm_low_precision_channels_last),
     OpCase("squared_relu", squared_relu_both_sides, dict(x=(2, 3, 5, 7))),
-    OpCase("squared_relu_ffn-fused", ftkernels.squared_relu_ffn, _ffn_shapes(C1=2, dw2=3)),
-    OpCase("squared_relu_ffn-two_pass", ftkernels.squared_relu_ffn, _ffn_shapes(C1=9)),
+    OpCase("squared_relu_ffn-both_mixes", ftkernels.squared_relu_ffn, _ffn_shapes(C1=2, dw2=3)),
+    OpCase("squared_relu_ffn-mix1", ftkernels.squared_relu_ffn, _ffn_shapes(C1=9)),
     OpCase("squared_relu_ffn-positionwise", ftkernels.squared_relu_ffn, _ffn_shapes(dw2=10)),
     OpCase("multichannel_attention", ftkernels.multichannel_attention,
            dict(q=(1, 2, 8, 7), k=(1, 2, 8, 5), v=(1, 2, 8, 5)), dict(num_heads=2), torch_op=sdpa_low_precision),

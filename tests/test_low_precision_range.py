@@ -24,9 +24,9 @@ from helpers import LOW_PRECISION, OpCase, _ffn_shapes, assert_low_precision_ok,
     layer_norm_low_precision, layer_norm_low_precision_channels_last, sdpa_low_precision, squared_relu_both_sides
 
 RANGE_CASES = [
-    OpCase("multichannel_linear-fused", ftkernels.multichannel_linear,
+    OpCase("multichannel_linear-pw_mix", ftkernels.multichannel_linear,
            dict(x=(2, 3, 24, 37), weight_pw=(3, 40, 24), weight_dw=(4, 3), bias_pw=(3, 40), bias_dw=(4,))),
-    OpCase("multichannel_linear-two_pass", ftkernels.multichannel_linear,
+    OpCase("multichannel_linear-pw_mix9", ftkernels.multichannel_linear,
            dict(x=(2, 3, 24, 37), weight_pw=(3, 40, 24), weight_dw=(12, 3), bias_pw=(3, 40), bias_dw=(12,))),
     OpCase("frame_norm", ftkernels.frame_norm, dict(x=(2, 3, 40, 37), weight=(3, 40), bias=(3, 40)),
            torch_op=layer_norm_low_precision),
@@ -34,8 +34,8 @@ RANGE_CASES = [
                                                                       bias=(18, 40)),
            torch_op=layer_norm_low_precision_channels_last),
     OpCase("squared_relu", squared_relu_both_sides, dict(x=(2, 3, 24, 37))),
-    OpCase("squared_relu_ffn-fused", ftkernels.squared_relu_ffn, _ffn_shapes(C1=4, dw2=3, F=24, W=37, H=48, F2=20)),
-    OpCase("squared_relu_ffn-two_pass", ftkernels.squared_relu_ffn, _ffn_shapes(C1=12, F=24, W=37, H=48, F2=20)),
+    OpCase("squared_relu_ffn-both_mixes", ftkernels.squared_relu_ffn, _ffn_shapes(C1=4, dw2=3, F=24, W=37, H=48, F2=20)),
+    OpCase("squared_relu_ffn-mix1", ftkernels.squared_relu_ffn, _ffn_shapes(C1=12, F=24, W=37, H=48, F2=20)),
     OpCase("multichannel_attention", ftkernels.multichannel_attention,
            dict(q=(1, 2, 32, 37), k=(1, 2, 32, 21), v=(1, 2, 32, 21)), dict(num_heads=2), torch_op=sdpa_low_precision),
 ]

@@ -9,7 +9,7 @@ import torch
 from ftkernels import _common
 from helpers import OP_CASES, ORACLE_TOL
 
-CASES = [c for c in OP_CASES if c.id in ("multichannel_linear-fused", "frame_norm", "squared_relu_ffn-fused",
+CASES = [c for c in OP_CASES if c.id in ("multichannel_linear-pw_mix", "frame_norm", "squared_relu_ffn-both_mixes",
                                           "multichannel_attention")]
 IDS = [c.id for c in CASES]
 

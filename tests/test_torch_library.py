@@ -107,11 +107,11 @@ def _attention(case_id, layout):
 
 
 BUILDERS = [
-    ("multichannel_linear-fused", _mcl), ("multichannel_linear-two_pass", _mcl),
+    ("multichannel_linear-pw_mix", _mcl), ("multichannel_linear-pw_mix9", _mcl),
     ("multichannel_linear-depthwise", _mcl), ("frame_norm", _frame_norm),
     ("frame_norm-channels_last", _frame_norm_channels_last), ("squared_relu", _squared_relu),
-    ("squared_relu_ffn-fused", _ffn),
-    ("squared_relu_ffn-two_pass", _ffn), ("multichannel_attention", _attention),
+    ("squared_relu_ffn-both_mixes", _ffn),
+    ("squared_relu_ffn-mix1", _ffn), ("multichannel_attention", _attention),
     ("multichannel_attention-freqs", _attention),
 ]
 OP_PARAMS = [pytest.param(cid, b, which, layout, id=f"{cid}-{which}-{layout}")
