@@ -90,9 +90,13 @@ def test_interrupt_leaves_no_partial_or_temporary_file(ckpt, tmp_path, sig):
     write_song(str(tmp_path / "long.wav"), seconds=30.0)
     env = dict(os.environ, PYTHONPATH=REPO)
     env.pop("TRITON_INTERPRET", None)
+    # a process started with SIGINT ignored (any background job of a non-interactive shell, e.g. a CI runner's
+    # `cmd &`) keeps ignoring it: Python installs its KeyboardInterrupt handler only over the default disposition.
+    # Give the command the disposition a terminal's foreground job has, whatever ran pytest.
     p = subprocess.Popen([sys.executable, "-m", "frame_transformer.separate", "long.wav", "-o", "out", "-c", ckpt,
                           "--no-progress", "--device", "cpu", "--batch-size", "1"], cwd=tmp_path, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not any(f.endswith(".tmp") for f in all_files(tmp_path / "out")):  # writing has started
         assert p.poll() is None and time.time() < deadline, "separation ended before it could be interrupted"
