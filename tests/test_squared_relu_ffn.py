@@ -194,11 +194,24 @@ _FFN_SMALL = dict(B=1, C=3, F=5, W=60, H=5, C1=4, dw2=True, C2=3)  # fused mix b
 FFN_LAYERS_OF = {"pw": [_FFN_GEMMS], "wg": [_FFN_GEMMS, _FFN_WIDE], "mix": [_FFN_WIDE], "mixb": [_FFN_SMALL]}
 
 
-@pytest.mark.parametrize("kernel,config", _tile_configs())
-def test_every_autotune_config_in_the_feed_forward(kernel, config, saved, monkeypatch):
-    """Every GPU config of every kernel, forced through the interpreter, in both saved-activation designs: the
-    norm prologue (position-wise forward and weight gradient), the squaring prologue (saved relu(z)), the
-    activation and squared-ReLU-gradient epilogues, small and wide mixes; split K on (an H100's SM count)."""
+def _ffn_tile_params():
+    """Every tile config once, the saved-activation designs alternating along each kernel's list (so every kernel
+    runs configs of both designs: the squaring prologue of the saved-relu(z) design in pw / wg)."""
+    out = []
+    for i, p in enumerate(_tile_configs()):
+        design = ("h", "relu")[i % 2]
+        out.append(pytest.param(*p.values, design, id=f"{design}-{p.id}"))
+    return out
+
+
+@pytest.mark.parametrize("kernel,config,design", _ffn_tile_params())
+def test_every_autotune_config_in_the_feed_forward(kernel, config, design, monkeypatch):
+    """Every GPU config of every kernel, forced through the interpreter: the norm prologue (position-wise forward
+    and weight gradient), the squaring prologue (saved relu(z)), the activation and squared-ReLU-gradient
+    epilogues, small and wide mixes; split K on (an H100's SM count)."""
+    if design == "relu":
+        monkeypatch.setattr(mcl, "SAVE_RELU_DTYPES", mcl.SAVE_RELU_DTYPES + (torch.float64, torch.float32))
+    assert ffn_module.saves_relu(torch.float64) == (design == "relu")
     monkeypatch.setattr(mcl, "_num_sms", lambda device: 132)
     with mcl.forced_config(kernel, config):
         for kw in FFN_LAYERS_OF[kernel]:
@@ -208,16 +221,16 @@ def test_every_autotune_config_in_the_feed_forward(kernel, config, saved, monkey
 FFN_WIDE = OpCase("squared_relu_ffn-wide_mix", ftkernels.squared_relu_ffn, _ffn_shapes(C1=66))
 
 
-@pytest.mark.parametrize("arg", ["x", "weight1_dw", "bias1_dw", "grad"])
+@pytest.mark.parametrize("arg", ["weight1_dw", "grad"])
 def test_wide_mix_layouts_and_nonfinite(arg):
     """linear1's wide mix (C1 > 64: separate dy and weight-gradient kernels), which the shared OP_CASES do not
-    take, under test_layouts' and test_nonfinite's checks for the arguments that flow through it."""
+    take, under test_layouts' and test_nonfinite's checks for its own weight and the incoming gradient."""
     from test_multichannel_linear import test_wide_mix_layouts_and_nonfinite as check_case
 
     check_case(FFN_WIDE, arg)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "views"])
+@pytest.mark.parametrize("layout", ["views"])  # contiguous: test_multichannel_linear's wide-mix opcheck
 def test_wide_mix_opcheck(layout):
     from test_torch_library import _FFN, _detached, _grad_like, _saved, _views
 
