@@ -301,7 +301,8 @@ def _mix_backward_kernel(w_ptr, g_ptr, y_ptr, dy_ptr, part_f32_ptr, C_OUT, C_IN,
     this program's chunks of columns the partial dW = sum grad y^T (part[p, o, c]) and row sums of grad
     (part[p, o, C_IN], the bias gradient). grad, y, dy: (B, C, N) with unit stride along N (features x
     frames, flat); chunk q = (batch q // CHUNKS_PER_BATCH, columns [CHUNK (q % CHUNKS_PER_BATCH), ...)) in
-    BN-column tiles (CHUNK a multiple of every config's BN); grid (programs,)."""
+    BN-column tiles (the host keeps CHUNK a multiple of every config's BN; a tile overhanging its chunk is
+    masked, so any CHUNK is covered); grid (programs,)."""
     ACC: tl.constexpr = tl.float64 if w_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid = tl.program_id(0)
     offs_c = tl.arange(0, CB)
@@ -313,12 +314,13 @@ def _mix_backward_kernel(w_ptr, g_ptr, y_ptr, dy_ptr, part_f32_ptr, C_OUT, C_IN,
     acc_w = tl.zeros((CB, CB), dtype=ACC)
     acc_b = tl.zeros((CB,), dtype=ACC)
     q_lo = pid * CHUNKS_PER_PROGRAM
-    sub = CHUNK // BN
+    sub = tl.cdiv(CHUNK, BN)
     for it in range(0, (tl.minimum(q_lo + CHUNKS_PER_PROGRAM, CHUNKS) - q_lo) * sub):
         q = q_lo + it // sub
         b = (q // CHUNKS_PER_BATCH).to(tl.int64)
-        offs_n = (q % CHUNKS_PER_BATCH) * CHUNK + (it % sub) * BN + tl.arange(0, BN)
-        mask_n = offs_n < N
+        offs_in = (it % sub) * BN + tl.arange(0, BN)  # columns of chunk q: the last tile may overhang it
+        offs_n = (q % CHUNKS_PER_BATCH) * CHUNK + offs_in
+        mask_n = (offs_n < N) & (offs_in < CHUNK)
         g = tl.load(g_ptr + b * s_gb + offs_c[:, None] * s_go + offs_n[None, :], mask=mask_o[:, None] & mask_n[None, :],
                     other=0.0)
         y = tl.load(y_ptr + b * s_yb + offs_c[:, None] * s_yc + offs_n[None, :], mask=mask_i[:, None] & mask_n[None, :],
@@ -689,9 +691,11 @@ def mix_backward(grad: Tensor, y: Tensor, weight: Tensor, rowsum: bool, pending:
     # about one program per SM, each a run of column chunks (the partials, programs x C_out x (C_in + 1) fp32,
     # are small next to grad and y)
     sms = _num_sms(grad.device)
+    # chunks stay multiples of 256 (of every config's BN: halving 1792 gave 224, which BN 64 tiles left 32
+    # columns of unwritten dy per chunk on a 132-SM GPU)
     chunk = min(MIX_BACKWARD_CHUNK, triton.cdiv(N, 256) * 256)
     while chunk > 256 and B * triton.cdiv(N, chunk) < sms:
-        chunk //= 2
+        chunk = triton.cdiv(chunk // 2, 256) * 256
     per_batch = triton.cdiv(N, chunk)
     chunks = B * per_batch
     per_program = triton.cdiv(chunks, min(chunks, sms))

@@ -212,7 +212,10 @@ TILE_CONFIGS = _tile_configs()
 _PW_LAYER = (2, 2, 2, 70, 130, 70, True, False)  # position-wise GEMMs: N = B x W = 140; weight grads "gemm" class
 _WIDE_MIX = (1, 3, 66, 5, 5, 60, False, True)  # wide mix (C_out > 64): N = F x W = 300; weight grads "thin"
 _SMALL_MIX = (1, 3, 5, 5, 5, 60, False, True)  # the fused mix backward: N = 300
-LAYERS_OF = {"pw": [_PW_LAYER], "mix": [_WIDE_MIX], "wg": [_PW_LAYER, _WIDE_MIX], "mixb": [_SMALL_MIX]}
+# N = 1776: the column chunk starts at 7 x 256 and halves towards a chunk per SM (132 in these tests); halving
+# 1792 -> 896 -> 448 -> 224 once left BN-64 tiles 32 columns short of every chunk (dy unwritten on the GPU)
+_ODD_CHUNK_MIX = (1, 3, 12, 48, 48, 37, False, True)
+LAYERS_OF = {"pw": [_PW_LAYER], "mix": [_WIDE_MIX], "wg": [_PW_LAYER, _WIDE_MIX], "mixb": [_SMALL_MIX, _ODD_CHUNK_MIX]}
 
 
 @pytest.mark.parametrize("kernel,config", TILE_CONFIGS)
