@@ -140,10 +140,31 @@ def check_nonempty(x: torch.Tensor, name: str, dims: str) -> None:
         raise ValueError(f"{name} must be non-empty, got shape {tuple(x.shape)} for {dims}")
 
 
+def _autocast_device_types() -> frozenset:
+    names = ["cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia", "maia", "ipu"]
+    try:
+        names.append(torch._C._get_privateuse1_backend_name())
+    except AttributeError:  # pragma: no cover
+        pass
+    ok = set()
+    for name in names:
+        try:
+            if torch.amp.is_autocast_available(name):
+                ok.add(name)
+        except (RuntimeError, ValueError):  # pragma: no cover - a name this torch does not know
+            pass
+    return frozenset(ok)
+
+
+# Decided once at import: dynamo (torch 2.11) cannot trace torch.amp.is_autocast_available, so calling it in an
+# op's wrapper broke torch.compile(fullgraph=True); a set lookup traces as a constant.
+_AUTOCAST_DEVICE_TYPES = _autocast_device_types()
+
+
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     """The autocast dtype if autocast is enabled for ``device_type`` (None on devices without autocast,
     such as meta)."""
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+    if device_type not in _AUTOCAST_DEVICE_TYPES or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
 

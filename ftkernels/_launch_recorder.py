@@ -295,8 +295,8 @@ class _RealImplMode(TorchDispatchMode):
 
 @contextlib.contextmanager
 def _meta_autocast(dtype: Optional[torch.dtype]):
-    """torch.autocast for the meta device, as the ops see it: is_autocast_available('meta') /
-    is_autocast_enabled('meta') / get_autocast_dtype."""
+    """torch.autocast for the meta device, as the ops see it: is_autocast_available('meta') (and the ops' own
+    set of autocast device types) / is_autocast_enabled('meta') / get_autocast_dtype."""
     enabled, get_dtype, available = torch.is_autocast_enabled, torch.get_autocast_dtype, torch.amp.is_autocast_available
 
     def is_available(device_type):
@@ -324,8 +324,11 @@ def _meta_autocast(dtype: Optional[torch.dtype]):
             return conv(input, weight, bias, *args, **kwargs)
         return run
 
+    from ftkernels import _common
+    device_types = _common._AUTOCAST_DEVICE_TYPES
     torch.is_autocast_enabled, torch.get_autocast_dtype = is_enabled, autocast_dtype
     torch.amp.is_autocast_available = is_available
+    _common._AUTOCAST_DEVICE_TYPES = device_types | {"meta"}
     for name, conv in convs.items():
         setattr(torch.nn.functional, name, autocast_conv(conv))
     try:
@@ -333,6 +336,7 @@ def _meta_autocast(dtype: Optional[torch.dtype]):
     finally:
         torch.is_autocast_enabled, torch.get_autocast_dtype = enabled, get_dtype
         torch.amp.is_autocast_available = available
+        _common._AUTOCAST_DEVICE_TYPES = device_types
         for name, conv in convs.items():
             setattr(torch.nn.functional, name, conv)
 
