@@ -12,10 +12,11 @@ means ``"auto"``) and can be changed with :func:`set_backend`; every functional 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
-from typing import Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -242,3 +243,58 @@ def kernel_dtype_ok(x: torch.Tensor, name: str = "x") -> None:
     """float64 runs in the interpreter (the test oracle) but is not a GPU specialization."""
     if x.dtype == torch.float64 and x.is_cuda:
         raise TypeError(f"{name}: the Triton kernels take fp32/fp16/bf16 on CUDA, got float64; use backend='reference'")
+
+
+# ----------------------------------------------------------------------------------------------
+# autotuning
+
+
+def dtype_group(dtype: torch.dtype) -> str:
+    """The config group of a compute dtype: "16" (fp16/bf16 operands) or "32" (fp32; float64 in the interpreter)."""
+    return "16" if dtype in (torch.float16, torch.bfloat16) else "32"
+
+
+class Autotuners:
+    """One ``triton.autotune`` per key of ``configs`` (``(kernel, *class)`` -> its config list), each bound as a
+    module attribute ``prefix + "_".join(key)`` of ``namespace`` (``benchmarks.gpu_check`` finds autotuners at
+    module level). Under the interpreter every variant of a kernel runs that kernel's one
+    ``interpreter_configs`` entry; :meth:`forced` makes them run a given config instead (the tests push every GPU
+    config through the interpreter this way). ``keys``: the tuning-key argument names, per kernel or shared."""
+
+    def __init__(self, configs: Mapping[tuple, list], interpreter_configs: Mapping[str, object],
+                 kernels: Mapping[str, object], keys: Union[List[str], Mapping[str, List[str]]],
+                 namespace: dict, prefix: str):
+        import triton
+        self._forced: Dict[str, object] = {}
+        self._interpreter_configs = interpreter_configs
+        self.tuners: Dict[tuple, object] = {}
+        for key, cfgs in configs.items():
+            kernel = key[0]
+            tuning_key = keys[kernel] if isinstance(keys, Mapping) else keys
+            tuner = triton.autotune(cfgs, key=tuning_key,
+                                    prune_configs_by={"early_config_prune": self._prune(kernel)})(kernels[kernel])
+            self.tuners[key] = namespace[prefix + "_".join(key)] = tuner
+
+    def _prune(self, kernel: str):
+        def prune(configs, named_args, **kwargs):
+            if kernel in self._forced:
+                return [self._forced[kernel]]
+            return [self._interpreter_configs[kernel]] if INTERPRET else configs
+        return prune
+
+    def __getitem__(self, key: Tuple[str, ...]):
+        return self.tuners[key]
+
+    @contextlib.contextmanager
+    def forced(self, kernel: str, config):
+        """Run every variant of ``kernel`` with ``config``, whatever its autotuner would pick."""
+        tuners = [t for key, t in self.tuners.items() if key[0] == kernel]
+        self._forced[kernel] = config
+        for t in tuners:
+            t.cache.clear()
+        try:
+            yield
+        finally:
+            del self._forced[kernel]
+            for t in tuners:
+                t.cache.clear()

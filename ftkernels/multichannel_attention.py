@@ -56,7 +56,6 @@ the test oracle); accumulators are fp32 (fp64 for fp64 inputs).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import numbers
@@ -356,55 +355,19 @@ CONFIGS: Dict[Tuple[str, str, str], List[triton.Config]] = {
 # edges on both sides.
 INTERPRETER_CONFIGS = {"fwd": _cfg(32, 16, 4, 1), "dq": _cfg(32, 16, 4, 1), "dkdv": _cfg(16, 32, 4, 1)}
 _KERNELS = {"fwd": _mca_fwd_kernel, "dq": _mca_bwd_dq_kernel, "dkdv": _mca_bwd_dkdv_kernel}
-_FORCED: Dict[str, triton.Config] = {}  # kernel -> config, see forced_config
-
-
-def _prune(kernel: str):
-    def prune(configs, named_args, **kwargs):
-        if kernel in _FORCED:
-            return [_FORCED[kernel]]
-        return [INTERPRETER_CONFIGS[kernel]] if common.INTERPRET else configs
-    return prune
-
-
-def _autotuned(kernel: str, head: str, group: str):
-    return triton.autotune(CONFIGS[(kernel, head, group)], key=["D", "WQ", "WK", "PRECISION"],
-                           prune_configs_by={"early_config_prune": _prune(kernel)})(_KERNELS[kernel])
-
-
-# One module attribute per autotuner (scripts/gpu_check.sh finds them here and dumps their picks).
-_TUNED = {key: _autotuned(*key) for key in CONFIGS}
-for _key, _tuner in _TUNED.items():
-    globals()["_tuned_" + "_".join(_key)] = _tuner
-del _key, _tuner
+# One module attribute per autotuner, _tuned_<kernel>_<head class>_<group> (scripts/gpu_check.sh finds them here
+# and dumps their picks); forced_config("fwd" | "dq" | "dkdv", config) runs one config whatever the tuner would pick.
+_TUNED = common.Autotuners(CONFIGS, INTERPRETER_CONFIGS, _KERNELS, ["D", "WQ", "WK", "PRECISION"], globals(),
+                           prefix="_tuned_")
+forced_config = _TUNED.forced
 
 
 def _head_class(block_d: int) -> str:
     return str(max(32, block_d))
 
 
-def _group(dtype: torch.dtype) -> str:
-    return "16" if dtype in (torch.float16, torch.bfloat16) else "32"
-
-
-@contextlib.contextmanager
-def forced_config(kernel: str, config: triton.Config):
-    """Run ``kernel`` ("fwd", "dq", "dkdv") with ``config`` whatever the autotuner would pick (tests run every
-    GPU config through the interpreter this way)."""
-    tuners = [t for (k, _, _), t in _TUNED.items() if k == kernel]
-    _FORCED[kernel] = config
-    for t in tuners:
-        t.cache.clear()
-    try:
-        yield
-    finally:
-        del _FORCED[kernel]
-        for t in tuners:
-            t.cache.clear()
-
-
 def _launch(kernel: str, dtype: torch.dtype, block_d: int, grid, *args, **kwargs):
-    _TUNED[(kernel, _head_class(block_d), _group(dtype))][grid](*args, **kwargs)
+    _TUNED[(kernel, _head_class(block_d), common.dtype_group(dtype))][grid](*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------

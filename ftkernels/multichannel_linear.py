@@ -60,7 +60,6 @@ Under ``TRITON_INTERPRET=1`` every kernel runs one deterministic config (:data:`
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -415,63 +414,14 @@ _KERNELS = {"pw": _positionwise_kernel, "mix": _channel_mix_kernel, "wg": _weigh
             "mixb": _mix_backward_kernel}
 _KEYS = {"pw": ["B", "M", "N", "K"], "mix": ["M", "N", "K"],
          "wg": ["M", "N", "K1", "K0", "K1_PER_SPLIT", "K0_PER_SPLIT"], "mixb": ["C_OUT", "C_IN", "N", "CHUNKS_PER_PROGRAM"]}
-_FORCED: Dict[str, triton.Config] = {}  # kernel -> config, see forced_config
-
-
-def _prune(kernel: str):
-    def prune(configs, named_args, **kwargs):
-        if kernel in _FORCED:
-            return [_FORCED[kernel]]
-        return [INTERPRETER_CONFIGS[kernel]] if common.INTERPRET else configs
-    return prune
-
-
-def _autotuned(kernel: str, group: str, shape: str):
-    return triton.autotune(CONFIGS[(kernel, group, shape)], key=_KEYS[kernel],
-                           prune_configs_by={"early_config_prune": _prune(kernel)})(_KERNELS[kernel])
-
-
-# One module attribute per autotuner (scripts/gpu_check.sh finds them here and dumps their picks).
-_pw_16_large = _autotuned("pw", "16", "large")
-_pw_16_small = _autotuned("pw", "16", "small")
-_pw_32_large = _autotuned("pw", "32", "large")
-_pw_32_small = _autotuned("pw", "32", "small")
-_mix_16_thin = _autotuned("mix", "16", "thin")
-_mix_16_mid = _autotuned("mix", "16", "mid")
-_mix_16_wide = _autotuned("mix", "16", "wide")
-_mix_32_thin = _autotuned("mix", "32", "thin")
-_mix_32_mid = _autotuned("mix", "32", "mid")
-_mix_32_wide = _autotuned("mix", "32", "wide")
-_wg_16_gemm = _autotuned("wg", "16", "gemm")
-_wg_16_thin = _autotuned("wg", "16", "thin")
-_wg_32_gemm = _autotuned("wg", "32", "gemm")
-_wg_32_thin = _autotuned("wg", "32", "thin")
-_mixb_16_all = _autotuned("mixb", "16", "all")
-_mixb_32_all = _autotuned("mixb", "32", "all")
-
-
-def _group(dtype: torch.dtype) -> str:
-    return "16" if dtype in (torch.float16, torch.bfloat16) else "32"
+# One module attribute per autotuner, _<kernel>_<group>_<shape> (scripts/gpu_check.sh finds them here and dumps
+# their picks); forced_config("pw" | "mix" | "wg" | "mixb", config) runs one config whatever the tuner would pick.
+_AUTOTUNERS = common.Autotuners(CONFIGS, INTERPRETER_CONFIGS, _KERNELS, _KEYS, globals(), prefix="_")
+forced_config = _AUTOTUNERS.forced
 
 
 def _tuner(kernel: str, dtype: torch.dtype, shape: str):
-    return globals()[f"_{kernel}_{_group(dtype)}_{shape}"]
-
-
-@contextlib.contextmanager
-def forced_config(kernel: str, config: triton.Config):
-    """Run ``kernel`` ("pw", "mix", "wg", "mixb") with ``config`` whatever the autotuner would pick (tests run every
-    GPU config through the interpreter this way)."""
-    tuners = [v for k, v in globals().items() if k.startswith(f"_{kernel}_") and hasattr(v, "cache")]
-    _FORCED[kernel] = config
-    for t in tuners:
-        t.cache.clear()
-    try:
-        yield
-    finally:
-        del _FORCED[kernel]
-        for t in tuners:
-            t.cache.clear()
+    return _AUTOTUNERS[(kernel, common.dtype_group(dtype), shape)]
 
 
 # ----------------------------------------------------------------------------------------------
