@@ -298,6 +298,16 @@ def _channel_tile(C: int) -> Tuple[int, int]:
     return min(CHANNEL_BLOCK, triton.next_power_of_2(C)), 16
 
 
+def _channels_last_tiles(Fp: int, C: int, resident: int, chunk: int, warp_scale: int) -> Tiles:
+    """Tiles of (BC channels x BW frames) for a channels-last y (forward) or dy (backward): the tile changes layout
+    through shared memory, so it is resident up to half the plain ``resident`` size, else streamed in chunks of
+    ``chunk`` elements; warps sized from ``warp_scale`` x the resident tile's elements."""
+    BC, BW = _channel_tile(C)
+    if Fp * BC * BW <= resident // 2:
+        return Tiles(Fp, BC, BW, True, _warps(warp_scale * Fp * BC * BW))
+    return Tiles(min(Fp, chunk // (BC * BW)), BC, BW, False, 16)
+
+
 def fwd_tiles(F: int, C: int = 1, channels_last: bool = False, load_stats: bool = False,
               itemsize: int = 2) -> Tiles:
     """Forward tiles for F features and C channels of ``itemsize``-byte x; ``channels_last``: y is a
@@ -307,11 +317,8 @@ def fwd_tiles(F: int, C: int = 1, channels_last: bool = False, load_stats: bool 
         t = fwd_tiles(F, C, channels_last, itemsize=itemsize)
         return Tiles(min(t.BF, max(1, 2048 // (t.BC * t.BW))), t.BC, t.BW, False, 4)
     Fp = triton.next_power_of_2(F)
-    if channels_last:  # the tile changes layout through shared memory on its way out: half the resident size
-        BC, BW = _channel_tile(C)
-        if Fp * BC * BW <= RESIDENT_FWD // 2:
-            return Tiles(Fp, BC, BW, True, _warps(2 * Fp * BC * BW))
-        return Tiles(min(Fp, 8192 // (BC * BW)), BC, BW, False, 16)
+    if channels_last:  # y changes layout on its way out
+        return _channels_last_tiles(Fp, C, RESIDENT_FWD, chunk=8192, warp_scale=2)
     if Fp * 16 <= RESIDENT_FWD:
         BW = max(16, min(64, RESIDENT_FWD // Fp))
         warps = _warps(Fp * BW)
@@ -324,11 +331,8 @@ def fwd_tiles(F: int, C: int = 1, channels_last: bool = False, load_stats: bool 
 def bwd_tiles(F: int, C: int = 1, channels_last: bool = False) -> Tiles:
     """Backward tiles for F features and C channels; ``channels_last``: dy is a channels-last tensor."""
     Fp = triton.next_power_of_2(F)
-    if channels_last:  # dy changes layout through shared memory on its way in: half the resident size
-        BC, BW = _channel_tile(C)
-        if Fp * BC * BW <= RESIDENT_BWD // 2:
-            return Tiles(Fp, BC, BW, True, _warps(4 * Fp * BC * BW))
-        return Tiles(min(Fp, 4096 // (BC * BW)), BC, BW, False, 16)
+    if channels_last:  # dy changes layout on its way in
+        return _channels_last_tiles(Fp, C, RESIDENT_BWD, chunk=4096, warp_scale=4)
     if Fp * 8 <= RESIDENT_BWD:
         BW = max(8, min(64, RESIDENT_BWD // Fp))
         return Tiles(Fp, 1, BW, True, _warps(2 * Fp * BW, hi=16))
