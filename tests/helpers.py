@@ -23,6 +23,10 @@ LOW_PRECISION = [torch.float16, torch.bfloat16] if HAS_CUDA else [torch.float16]
 # The exact-comparison dtype of the cross-op tests: float64 through the interpreter, float32 on a GPU.
 ORACLE_DTYPE = torch.float32 if HAS_CUDA else torch.float64
 ORACLE_TOL = dict(atol=2e-5, rtol=2e-5) if HAS_CUDA else dict(atol=1e-10, rtol=1e-9)
+ATOL, RTOL = ORACLE_TOL["atol"], ORACLE_TOL["rtol"]
+# gradcheck needs float64, which the kernels take only through the interpreter (on CUDA: fp32, fp16, bf16)
+needs_float64_kernels = pytest.mark.skipif(HAS_CUDA, reason="float64 runs the kernels only through the CPU "
+                                           "interpreter; the CUDA kernels take fp32/fp16/bf16")
 # The seed of every test's inputs (conftest seeds the global RNGs with it too); set FTKERNELS_TEST_SEED to
 # sweep seeds when checking that a test is not on an edge.
 TEST_SEED = int(os.environ.get("FTKERNELS_TEST_SEED", "0"))
@@ -38,7 +42,7 @@ def op_module(name):
     return importlib.import_module(f"ftkernels.{name}")
 
 
-def rand(*shape, dtype=torch.float64, device=KERNEL_DEVICE, scale=1.0, requires_grad=True, noncontig=False):
+def rand(*shape, dtype=ORACLE_DTYPE, device=KERNEL_DEVICE, scale=1.0, requires_grad=True, noncontig=False):
     if noncontig:  # same values, frames not unit-stride: allocate (..., W, F) and transpose the last two
         t = (torch.randn(*shape[:-2], shape[-1], shape[-2], dtype=dtype, device=device) * scale).transpose(-1, -2)
     else:

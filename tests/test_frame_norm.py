@@ -1,6 +1,7 @@
-"""frame_norm: interpreted Triton kernels vs the float64 reference, forward and every gradient, on every
-kernel path: the resident one-read kernels (the whole feature axis on chip), the chunked two-pass ones (F too
-large for that), backward programs that take several frame blocks, and channels-last y / dy tiles."""
+"""frame_norm: interpreted Triton kernels vs the float64 reference (float32 on a GPU), forward and every
+gradient, on every kernel path: the resident one-read kernels (the whole feature axis on chip), the chunked
+two-pass ones (F too large for that), backward programs that take several frame blocks, and channels-last y / dy
+tiles."""
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -9,8 +10,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import ftkernels
 from ftkernels import reference
-from helpers import LOW_PRECISION, KERNEL_DEVICE, TEST_SEED, assert_backends_agree, assert_close_all, \
-    assert_low_precision_ok, gpu_or_cpu, grads, op_module, rand
+from helpers import ATOL, LOW_PRECISION, KERNEL_DEVICE, ORACLE_DTYPE, RTOL, TEST_SEED, assert_backends_agree, \
+    assert_close_all, assert_low_precision_ok, gpu_or_cpu, grads, needs_float64_kernels, op_module, rand
 
 fn_mod = op_module("frame_norm")
 CL = torch.channels_last
@@ -42,13 +43,13 @@ def expect_path(path, B, C, F, W, channels_last=False):
         assert n_wb == 1 or fn_mod._w_blocks(B, n_cb, n_wb) > 1
 
 
-def make(B, C, F, W, dtype=torch.float64, noncontig=False, device=KERNEL_DEVICE, offset=0.0):
+def make(B, C, F, W, dtype=ORACLE_DTYPE, noncontig=False, device=KERNEL_DEVICE, offset=0.0):
     x = rand(B, C, F, W, dtype=dtype, noncontig=noncontig, device=device, requires_grad=False)
     x = (x + offset).requires_grad_()
     return x, rand(C, F, dtype=dtype, device=device), rand(C, F, dtype=dtype, device=device)
 
 
-def check(x, w, b, eps=1e-5, atol=1e-10, rtol=1e-9):
+def check(x, w, b, eps=1e-5, atol=ATOL, rtol=RTOL):
     out = ftkernels.frame_norm(x, w, b, eps, backend="triton")
     ref = reference.frame_norm(x, w, b, eps)
     torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
@@ -76,13 +77,13 @@ def test_channels_last_y_and_dy(B, C, F, W, noncontig, path):
     out = ftkernels.frame_norm(x, w, b, backend="triton", memory_format=CL)
     assert out.is_contiguous(memory_format=CL) and not out.is_contiguous()
     ref = reference.frame_norm(x, w, b)
-    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
     g = torch.randn_like(ref)
     g_ref = grads(ref, [x, w, b], g)
-    assert_close_all(grads(out, [x, w, b], g.contiguous(memory_format=CL)), g_ref, 1e-10, 1e-9,
+    assert_close_all(grads(out, [x, w, b], g.contiguous(memory_format=CL)), g_ref, ATOL, RTOL,
                      ["x", "weight", "bias"])
     out = ftkernels.frame_norm(x, w, b, backend="triton")  # and a channels-last gradient into a contiguous y
-    assert_close_all(grads(out, [x, w, b], g.contiguous(memory_format=CL)), g_ref, 1e-10, 1e-9,
+    assert_close_all(grads(out, [x, w, b], g.contiguous(memory_format=CL)), g_ref, ATOL, RTOL,
                      ["x", "weight", "bias"])
 
 
@@ -97,11 +98,11 @@ def test_channels_last_nan_inf_stay_in_their_frame(path):
     out = ftkernels.frame_norm(x, w, b, backend="triton", memory_format=CL)
     ref = reference.frame_norm(x, w, b)
     assert torch.equal(out.isnan(), ref.isnan())
-    torch.testing.assert_close(out[ref.isfinite()], ref[ref.isfinite()], atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(out[ref.isfinite()], ref[ref.isfinite()], atol=ATOL, rtol=RTOL)
     g = torch.randn_like(ref)
     for n, a, r in zip("xwb", grads(out, [x, w, b], g.contiguous(memory_format=CL)), grads(ref, [x, w, b], g)):
         assert torch.equal(a.isfinite(), r.isfinite()), f"d{n}"
-        torch.testing.assert_close(a[r.isfinite()], r[r.isfinite()], atol=1e-10, rtol=1e-9)
+        torch.testing.assert_close(a[r.isfinite()], r[r.isfinite()], atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if "cuda" in KERNEL_DEVICE else []))
@@ -172,14 +173,15 @@ def test_property_shapes(B, C, F, W, noncontig, eps):
     check(*make(B, C, F, W, noncontig=noncontig), eps=eps)
 
 
+@needs_float64_kernels
 def test_gradcheck_through_kernel():
     x, w, b = make(1, 2, 5, 3)
     assert torch.autograd.gradcheck(lambda *a: ftkernels.frame_norm(*a, backend="triton"), (x, w, b), atol=1e-6)
 
 
 def test_module():
-    m = ftkernels.FrameNorm(3, 8).double().to(KERNEL_DEVICE)
-    assert torch.equal(m.weight, torch.ones(3, 8, dtype=torch.float64, device=KERNEL_DEVICE))
+    m = ftkernels.FrameNorm(3, 8).to(KERNEL_DEVICE, ORACLE_DTYPE)
+    assert torch.equal(m.weight, torch.ones(3, 8, dtype=ORACLE_DTYPE, device=KERNEL_DEVICE))
     x = rand(2, 3, 8, 5)
     assert_backends_agree(m, x)
     assert "features=8" in repr(m)
@@ -233,7 +235,7 @@ def test_saved_only_outputs_get_no_zero_gradients():
     with FillCounter() as c:  # the public op too, weight and bias used
         got = grads(ftkernels.frame_norm(x, w, b, backend="triton"), [x, w, b], torch.ones_like(y))
     assert c.fills == [], c.fills
-    assert_close_all(got, ref, 1e-10, 1e-9, ["x", "weight", "bias"])
+    assert_close_all(got, ref, ATOL, RTOL, ["x", "weight", "bias"])
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -7,9 +7,16 @@ import torch
 from helpers import OP_CASES, ORACLE_TOL, VIEW_KINDS, as_layout, assert_close_all, case_args, run_case
 
 
-@pytest.mark.parametrize("kind", VIEW_KINDS)
-@pytest.mark.parametrize("case,arg", case_args())
-def test_argument_layout(case, arg, kind):
+def check_views(case, args, grad=None):
+    """Triton vs reference on ``args`` (some of them views): the forward and every gradient."""
+    out, g = run_case(case, args, "triton", grad)
+    ref, g_ref = run_case(case, args, "reference", grad)
+    torch.testing.assert_close(out, ref, **ORACLE_TOL, msg=lambda m: f"forward: {m}")
+    assert_close_all([g[n] for n in g_ref], list(g_ref.values()), names=[f"d{n}" for n in g_ref], **ORACLE_TOL)
+
+
+def check_argument_layout(case, arg: str, kind: str):
+    """``case`` with argument ``arg`` (or, for "grad", the gradient entering the backward) as a ``kind`` view."""
     args = case.make()
     grad = None
     if arg == "grad":
@@ -17,10 +24,13 @@ def test_argument_layout(case, arg, kind):
             grad = as_layout(case.grad_out(case(args, "reference")), kind)
     else:
         args[arg] = as_layout(args[arg], kind)
-    out, g = run_case(case, args, "triton", grad)
-    ref, g_ref = run_case(case, args, "reference", grad)
-    torch.testing.assert_close(out, ref, **ORACLE_TOL, msg=lambda m: f"forward: {m}")
-    assert_close_all([g[n] for n in g_ref], list(g_ref.values()), names=[f"d{n}" for n in g_ref], **ORACLE_TOL)
+    check_views(case, args, grad)
+
+
+@pytest.mark.parametrize("kind", VIEW_KINDS)
+@pytest.mark.parametrize("case,arg", case_args())
+def test_argument_layout(case, arg, kind):
+    check_argument_layout(case, arg, kind)
 
 
 @pytest.mark.parametrize("case", OP_CASES, ids=[c.id for c in OP_CASES])
@@ -29,7 +39,4 @@ def test_all_arguments_as_views_at_once(case):
     args = case.make()
     for i, name in enumerate(case.args):
         args[name] = as_layout(args[name], VIEW_KINDS[i % len(VIEW_KINDS)])
-    out, g = run_case(case, args, "triton")
-    ref, g_ref = run_case(case, args, "reference")
-    torch.testing.assert_close(out, ref, **ORACLE_TOL)
-    assert_close_all([g[n] for n in g_ref], list(g_ref.values()), names=[f"d{n}" for n in g_ref], **ORACLE_TOL)
+    check_views(case, args)

@@ -1,4 +1,5 @@
-"""multichannel_linear: interpreted Triton kernels vs the float64 reference, forward and every gradient."""
+"""multichannel_linear: interpreted Triton kernels vs the float64 reference (float32 on a GPU), forward and every
+gradient."""
 import math
 import warnings
 
@@ -10,13 +11,13 @@ from hypothesis import strategies as st
 
 import ftkernels
 from ftkernels import reference
-from helpers import LOW_PRECISION, KERNEL_DEVICE, ORACLE_TOL, VIEW_KINDS, OpCase, as_layout, assert_backends_agree, \
-    assert_close_all, assert_low_precision_ok, case_args, gpu_or_cpu, grads, op_module, rand, run_case
+from helpers import ATOL, LOW_PRECISION, KERNEL_DEVICE, ORACLE_DTYPE, RTOL, VIEW_KINDS, OpCase, assert_backends_agree, \
+    assert_close_all, assert_low_precision_ok, case_args, gpu_or_cpu, grads, needs_float64_kernels, op_module, rand
 
 mcl = op_module("multichannel_linear")
 
 
-def make(B, C_in, C_out, F_in, F_out, W, pw=True, dw=True, bias=True, dtype=torch.float64, noncontig=False,
+def make(B, C_in, C_out, F_in, F_out, W, pw=True, dw=True, bias=True, dtype=ORACLE_DTYPE, noncontig=False,
          device=KERNEL_DEVICE):
     x = rand(B, C_in, F_in, W, dtype=dtype, noncontig=noncontig, device=device)
     s_pw, s_dw = 1 / math.sqrt(F_in), 1 / math.sqrt(C_in)
@@ -29,7 +30,7 @@ def make(B, C_in, C_out, F_in, F_out, W, pw=True, dw=True, bias=True, dtype=torc
     return x, p
 
 
-def check_against_reference(x, p, atol=1e-10, rtol=1e-9):
+def check_against_reference(x, p, atol=ATOL, rtol=RTOL):
     out = ftkernels.multichannel_linear(x, **p, backend="triton")
     ref = reference.multichannel_linear(x, **p)
     torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
@@ -83,6 +84,7 @@ def test_property_shapes(B, C_in, C_out, F_in, F_out, W, mode, bias, noncontig):
     check_against_reference(x, p)
 
 
+@needs_float64_kernels
 def test_gradcheck_through_kernel():
     x, p = make(1, 2, 3, 2, 3, 2)
     names = ["x"] + list(p)
@@ -95,7 +97,7 @@ def test_gradcheck_through_kernel():
 
 
 def test_module_init_and_backends_agree():
-    m = ftkernels.MultichannelLinear(3, 6, 10, 12, depthwise=True, bias=True).double().to(KERNEL_DEVICE)
+    m = ftkernels.MultichannelLinear(3, 6, 10, 12, depthwise=True, bias=True).to(KERNEL_DEVICE, ORACLE_DTYPE)
     assert m.weight_pw.shape == (3, 12, 10) and m.weight_dw.shape == (6, 3)
     assert m.bias_pw.shape == (3, 12) and m.bias_dw.shape == (6,)
     assert m.weight_pw.abs().max() <= 1 / math.sqrt(10) and m.weight_dw.abs().max() <= 1 / math.sqrt(3)
@@ -257,20 +259,11 @@ WIDE_CASES = [
 def test_wide_mix_layouts_and_nonfinite(case, arg):
     """The wide-mix path (C_out > 64), which the shared OP_CASES (small mixes) do not take, under the cross-op
     checks of test_layouts and test_nonfinite: every argument as each view kind, then NaN/+Inf/-Inf in it."""
+    from test_layouts import check_argument_layout
     from test_nonfinite import SPECIALS, _check
 
     for kind in VIEW_KINDS:
-        args = case.make()
-        grad = None
-        if arg == "grad":
-            with torch.no_grad():
-                grad = as_layout(case.grad_out(case(args, "reference")), kind)
-        else:
-            args[arg] = as_layout(args[arg], kind)
-        out, g = run_case(case, args, "triton", grad)
-        ref, g_ref = run_case(case, args, "reference", grad)
-        torch.testing.assert_close(out, ref, **ORACLE_TOL)
-        assert_close_all([g[n] for n in g_ref], list(g_ref.values()), names=[f"d{n}" for n in g_ref], **ORACLE_TOL)
+        check_argument_layout(case, arg, kind)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=RuntimeWarning)
         for value in SPECIALS:

@@ -6,7 +6,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import ftkernels
-from helpers import KERNEL_DEVICE, OP_CASES, VIEW_KINDS, as_layout, rand
+from helpers import KERNEL_DEVICE, OP_CASES, ORACLE_DTYPE, VIEW_KINDS, as_layout, rand
 
 ops = torch.ops.ftkernels
 CASE = {c.id: c for c in OP_CASES}
@@ -185,7 +185,7 @@ def test_inductor_fullgraph_backward_on_transposed_views():
     backward used to fail here with x or weight_pw a transposed view. All four ops in one graph."""
     C, F, W = 3, 8, 6
     torch.manual_seed(0)
-    tv = lambda *s: as_layout(torch.randn(*s, dtype=torch.float64, device=KERNEL_DEVICE), "transposed")  # noqa
+    tv = lambda *s: as_layout(torch.randn(*s, dtype=ORACLE_DTYPE, device=KERNEL_DEVICE), "transposed")  # noqa
     x = tv(2, C, F, W).requires_grad_()
     params = dict(
         weight_pw=tv(C, F, F).requires_grad_(), bias_pw=tv(C, F).requires_grad_(),
@@ -229,7 +229,7 @@ class Block(torch.nn.Module):
 
 
 def test_torch_compile_fullgraph_matches_eager():
-    m = Block().double().to(KERNEL_DEVICE)
+    m = Block().to(KERNEL_DEVICE, ORACLE_DTYPE)
     x = rand(2, 3, 8, 6)
     eager = m(x)
     g_eager = torch.autograd.grad(eager.sum(), [x, *m.parameters()])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ftkernels
-from helpers import OP_CASES, ORACLE_TOL
+from helpers import KERNEL_DEVICE, OP_CASES, ORACLE_DTYPE, ORACLE_TOL
 
 BACKENDS = ["reference", "triton"]
 CASE_IDS = [c.id for c in OP_CASES]
@@ -110,7 +110,7 @@ def _norm_ops(eps):
 def test_eps_real_numbers_accepted(eps):
     for make in _norm_ops(eps):
         make()
-    x = torch.randn(1, 2, 4, 3, dtype=torch.float64)
+    x = torch.randn(1, 2, 4, 3, dtype=ORACLE_DTYPE, device=KERNEL_DEVICE)
     torch.testing.assert_close(ftkernels.frame_norm(x, eps=eps, backend="triton"),
                                ftkernels.reference.frame_norm(x, eps=float(eps)), **ORACLE_TOL)
 
