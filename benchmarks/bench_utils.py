@@ -35,6 +35,9 @@ import torch
 # FTBENCH_RESULTS_DIR redirects the full run's files (scripts/gpu_check.sh collects one run in one folder)
 RESULTS_DIR = (os.environ.get("FTBENCH_RESULTS_DIR")
                or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+# FTBENCH_ROWS_LOG=path appends every row as one JSON line the moment it is measured (a run cut short by a
+# device lease keeps what it timed; the session-end reports need the session to end)
+ROWS_LOG = os.environ.get("FTBENCH_ROWS_LOG")
 HAS_CUDA = torch.cuda.is_available()
 
 # relative L2 error allowed against the float64 reference, by compute dtype (fp32 allows for TF32 convs
@@ -324,6 +327,12 @@ class Bench:
                               f"{errs} > {tol}")
         return worst
 
+    def _keep(self, row: dict) -> None:
+        self.rows.append(row)
+        if ROWS_LOG and self.full:
+            with open(ROWS_LOG, "a") as f:
+                f.write(json.dumps(row, default=str) + "\n")
+
     def run(self, request, problem: Problem, provider: str, make_fn: Callable[[], Callable], mode: str = "fwd",
             baseline: str = "seed", note: str = "", tol: Optional[float] = None) -> Optional[dict]:
         row = {"op": problem.op, "mode": mode, "size": problem.size, "dims": problem.dims, "provider": provider,
@@ -333,7 +342,7 @@ class Bench:
             fn = make_fn()
         except Unsupported as e:
             if self.full:
-                self.rows.append({**row, "skipped": str(e)})
+                self._keep({**row, "skipped": str(e)})
             pytest.skip(f"{provider}: {e}")
         n = self.n_sets(problem)
         sets = [problem.make_inputs(i) for i in range(n)]
@@ -349,7 +358,7 @@ class Bench:
         rl = self.roofline
         row["frac_matmul_peak"] = row["flops_per_s"] / rl["matmul_flops_per_s"]
         row["frac_copy_bw"] = row["bytes_per_s"] / rl["copy_bytes_per_s"]
-        self.rows.append(row)
+        self._keep(row)
         return row
 
     def _time(self, request, fn, mode, sets, problem):
@@ -432,7 +441,7 @@ class Bench:
             rate = row[key] / t if row.get(key) else None
             row[f"{key}_per_s"] = rate
             row[out] = rate / rl[peak_key] if rate else None
-        self.rows.append(row)
+        self._keep(row)
 
 
 def _detach(t):

@@ -113,13 +113,51 @@ def write_autotune_picks(path: str) -> dict:
     return picks
 
 
+def _worker_path(path: str, worker: str) -> str:
+    root, ext = os.path.splitext(path)
+    return f"{root}.{worker}{ext or '.json'}"
+
+
+def merge_picks(parts: List[dict]) -> dict:
+    """One picks dict from several processes' (pytest-xdist workers tune separately): keys deduplicated."""
+    out: dict = {}
+    for part in parts:
+        for name, entry in part.items():
+            have = out.setdefault(name, {**entry, "picks": []})
+            for p in entry["picks"]:
+                if all(q["key"] != p["key"] for q in have["picks"]):
+                    have["picks"].append(p)
+    return out
+
+
 # pytest plugin (``-p benchmarks.gpu_check``)
 def pytest_sessionfinish(session, exitstatus):
+    """Write the picks to FTKERNELS_AUTOTUNE_OUT. Under pytest-xdist each worker writes its own file next to it
+    and the controller, which ends last, merges them into the one asked for."""
     path = os.environ.get("FTKERNELS_AUTOTUNE_OUT")
-    if path:
-        picks = write_autotune_picks(path)
-        n = sum(len(v["picks"]) for v in picks.values())
-        print(f"\nautotuner picks: {len(picks)} autotuned kernels, {n} tuned keys -> {path}")
+    if not path:
+        return
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        write_autotune_picks(_worker_path(path, worker))
+        return
+    import glob
+    parts = sorted(glob.glob(glob.escape(_worker_path(path, "gw")).replace(".gw.", ".gw*.")))
+    picks = autotune_picks()
+    if parts:
+        loaded = []
+        for p in parts:
+            with open(p) as f:
+                loaded.append(json.load(f))
+        picks = merge_picks([picks] + loaded)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(picks, f, indent=1)
+    os.replace(tmp, path)
+    for p in parts:
+        os.remove(p)
+    n = sum(len(v["picks"]) for v in picks.values())
+    print(f"\nautotuner picks: {len(picks)} autotuned kernels, {n} tuned keys -> {path}")
 
 
 def summary(folder: str, steps: Dict[str, int]) -> str:

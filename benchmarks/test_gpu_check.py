@@ -1,5 +1,5 @@
 """The Python pieces of scripts/gpu_check.sh, on CPU: device info, autotuner picks, the results summary, and the
-script itself (it parses, and refuses to run without a GPU)."""
+scripts themselves (gpu_check.sh and gpu_check_lease.sh parse, and refuse to run without a GPU)."""
 import json
 import os
 import subprocess
@@ -12,14 +12,15 @@ import torch
 from benchmarks import gpu_check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
+SCRIPTS = [os.path.join(ROOT, "scripts", name) for name in ("gpu_check.sh", "gpu_check_lease.sh")]
 
 
-def test_script_parses_and_refuses_to_run_without_a_gpu(tmp_path):
-    assert subprocess.run(["bash", "-n", SCRIPT]).returncode == 0
+@pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
+def test_script_parses_and_refuses_to_run_without_a_gpu(script, tmp_path):
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
     if torch.cuda.is_available():
         pytest.skip("on a GPU the script would run the whole suite")
-    r = subprocess.run(["bash", SCRIPT], capture_output=True, text=True, cwd=tmp_path,
+    r = subprocess.run(["bash", script], capture_output=True, text=True, cwd=tmp_path,
                        env=dict(os.environ, PYTHON=sys.executable))
     assert r.returncode == 2 and "no CUDA device" in r.stderr, r.stderr
 
@@ -63,6 +64,20 @@ def test_autotune_picks_are_dumped_per_kernel_and_key(tmp_path, monkeypatch):
     monkeypatch.setenv("FTKERNELS_AUTOTUNE_OUT", str(out))
     gpu_check.pytest_sessionfinish(None, 0)
     assert json.loads(out.read_text()) == picks
+    # under pytest-xdist each worker writes its own file and the controller merges them (keys deduplicated)
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw3")
+    gpu_check.pytest_sessionfinish(None, 0)
+    worker_file = tmp_path / "picks.gw3.json"
+    assert json.loads(worker_file.read_text()) == picks
+    other = {"ftkernels.x:k": {"key_names": ["m"], "configs": 1, "picks": [{"key": [2], "config": {}}]}}
+    (tmp_path / "picks.gw0.json").write_text(json.dumps(other))
+    monkeypatch.delenv("PYTEST_XDIST_WORKER")
+    out.unlink()
+    gpu_check.pytest_sessionfinish(None, 0)
+    merged = json.loads(out.read_text())
+    assert merged["ftkernels.x:k"] == other["ftkernels.x:k"]
+    assert merged["ftkernels._gpu_check_probe:tuned"]["picks"] == entry["picks"]
+    assert not worker_file.exists() and not (tmp_path / "picks.gw0.json").exists()
 
 
 def test_summary_indexes_the_results_folder(tmp_path):
