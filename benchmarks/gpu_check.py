@@ -104,8 +104,9 @@ def autotune_picks() -> Dict[str, dict]:
     return out
 
 
-def write_autotune_picks(path: str) -> dict:
-    picks = autotune_picks()
+def write_autotune_picks(path: str, picks: Optional[dict] = None) -> dict:
+    """Write ``picks`` (default: this process's) to ``path`` atomically; returns them."""
+    picks = autotune_picks() if picks is None else picks
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(picks, f, indent=1)
@@ -142,18 +143,12 @@ def pytest_sessionfinish(session, exitstatus):
         write_autotune_picks(_worker_path(path, worker))
         return
     import glob
-    parts = sorted(glob.glob(glob.escape(_worker_path(path, "gw")).replace(".gw.", ".gw*.")))
-    picks = autotune_picks()
-    if parts:
-        loaded = []
-        for p in parts:
-            with open(p) as f:
-                loaded.append(json.load(f))
-        picks = merge_picks([picks] + loaded)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(picks, f, indent=1)
-    os.replace(tmp, path)
+    parts = sorted(glob.glob(_worker_path(glob.escape(path), "gw*")))
+    loaded = []
+    for p in parts:
+        with open(p) as f:
+            loaded.append(json.load(f))
+    picks = write_autotune_picks(path, merge_picks([autotune_picks()] + loaded))
     for p in parts:
         os.remove(p)
     n = sum(len(v["picks"]) for v in picks.values())
