@@ -397,7 +397,11 @@ CONFIGS: Dict[Tuple[str, str, str], List[triton.Config]] = {
     ("mix", "32", "wide"): [_cfg(128, 64, 32, 8, 3), _cfg(64, 128, 32, 4, 3)],
     # weight gradients: position-wise weights (M = F_out, N = F_in >= 64, K = B x W): wgmma-sized tiles;
     # channel-mix weights and small features (M or N < 64, K long): thin tiles, long K steps
-    ("wg", "16", "gemm"): [_cfg(128, 128, 64, 8, 3), _cfg(128, 64, 64, 4, 4)],
+    # (The 8-warp 128 x 128 x 64 tile is gone: on an H200 with triton 3.6 it computed wrong sums in fp16 and
+    # bf16, with O(1) errors on 0.2-1.4% of a feed-forward's dW, and the autotuner picked it for 5 of the v4
+    # training step's 15 shapes; benchmarks/results/2026-11-26-nvidia-h200-lease2/. The interpreter computes
+    # it right. test_every_low_precision_config_on_the_gpu holds every fp16/bf16 config left.)
+    ("wg", "16", "gemm"): [_cfg(128, 64, 64, 4, 4)],
     ("wg", "16", "thin"): [_cfg(32, 64, 32, 4, 4), _cfg(64, 64, 32, 4, 4)],
     ("wg", "32", "gemm"): [_cfg(128, 64, 32, 8, 3), _cfg(64, 64, 32, 4, 3)],
     ("wg", "32", "thin"): [_cfg(32, 64, 64, 4, 3), _cfg(64, 64, 32, 4, 3)],

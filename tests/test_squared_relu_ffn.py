@@ -205,14 +205,11 @@ def _ffn_tile_params():
     return out
 
 
-@pytest.mark.parametrize("kernel,config,design", _ffn_tile_params())
-def test_every_autotune_config_in_the_feed_forward(kernel, config, design, monkeypatch):
+@pytest.mark.parametrize("kernel,config,saved", _ffn_tile_params(), indirect=["saved"])
+def test_every_autotune_config_in_the_feed_forward(kernel, config, saved, monkeypatch):
     """Every GPU config of every kernel, forced through the interpreter: the norm prologue (position-wise forward
     and weight gradient), the squaring prologue (saved relu(z)), the activation and squared-ReLU-gradient
     epilogues, small and wide mixes; split K on (an H100's SM count)."""
-    if design == "relu":
-        monkeypatch.setattr(mcl, "SAVE_RELU_DTYPES", mcl.SAVE_RELU_DTYPES + (torch.float64, torch.float32))
-    assert ffn_module.saves_relu(torch.float64) == (design == "relu")
     monkeypatch.setattr(mcl, "_num_sms", lambda device: 132)
     with mcl.forced_config(kernel, config):
         for kw in FFN_LAYERS_OF[kernel]:
